@@ -1,0 +1,61 @@
+"""Run logging: terminal + log file in the run directory, tqdm bars, TensorBoard.
+
+Everything the terminal shows (apart from progress bars) is also appended to the run's log
+file (``output.txt`` for ANA), so the file is the complete record of a run.
+"""
+import logging
+import sys
+
+from tqdm.auto import tqdm
+
+
+class _TqdmConsoleHandler(logging.StreamHandler):
+    """Console handler that writes through ``tqdm.write`` so open progress bars stay intact."""
+
+    def emit(self, record):
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # never let logging kill a run
+            self.handleError(record)
+
+
+def setup_run_logger(name, log_file, console=True):
+    """Return a logger writing to ``log_file`` (appended) and to stderr.
+
+    The logger is specific to ``name`` (use the run directory) and does not propagate to the
+    root logger; calling this again for the same name replaces its handlers, so repeated
+    in-process runs (tests) never double their output.
+    """
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    close_run_logger(logger)
+    fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    file_handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+    file_handler.setFormatter(fmt)
+    logger.addHandler(file_handler)
+    if console:
+        console_handler = _TqdmConsoleHandler(sys.stderr)
+        console_handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(console_handler)
+    return logger
+
+
+def close_run_logger(logger):
+    """Close and detach every handler of ``logger`` (releases the log file)."""
+    for handler in list(logger.handlers):
+        handler.close()
+        logger.removeHandler(handler)
+
+
+def progress(iterable, desc, total=None, leave=False):
+    """A tqdm bar on stderr that switches itself off when stderr is not a terminal."""
+    return tqdm(iterable, desc=desc, total=total, leave=leave, file=sys.stderr,
+                disable=not sys.stderr.isatty(), dynamic_ncols=True)
+
+
+def make_summary_writer(log_dir):
+    """A TensorBoard ``SummaryWriter`` writing its event files into ``log_dir``."""
+    from torch.utils.tensorboard import SummaryWriter  # heavy import: only when a run starts
+
+    return SummaryWriter(log_dir=str(log_dir))
