@@ -1,0 +1,244 @@
+"""ANA annotations, tiling of whole images into instances, and the cached tile datasets.
+
+A *bag* is one whole image (one CSV row, labels in ``TARGET``); its *instances* are the
+non-overlapping ``tile_size`` squares cut from it (the border remainder is dropped), each
+resized to ``image_size``. A pre-tiled CSV (one row per tile image plus a column naming its
+bag) is also accepted: then each row is one instance, and rows sharing a bag form the bag.
+
+Decoding whole microscope images is the slow part, so every image is decoded once to build
+a uint8 tile cache (a ``.npy`` file read through a memory map); epochs then read tiles only.
+"""
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from utils.errors import UserError
+from utils.logger import progress
+
+REQUIRED_COLUMNS = ("path", "TARGET", "Split")
+SPLITS = ("train", "val", "test")
+
+
+def parse_target(value, where):
+    """``"0 3 5"`` -> sorted list of class indices; errors name ``where`` (file:row)."""
+    text = str(value).strip()
+    if not text:
+        raise UserError(f"{where}: TARGET is empty (expected space-separated class indices such as '0 3 5')")
+    try:
+        labels = sorted({int(tok) for tok in text.split()})
+    except ValueError:
+        raise UserError(f"{where}: TARGET {text!r} is not a list of integers (expected e.g. '0 3 5')") from None
+    if labels[0] < 0:
+        raise UserError(f"{where}: TARGET {text!r} has a negative class index")
+    return labels
+
+
+def read_annotations(csv_path, num_classes=None, bag_column=None):
+    """Read and validate an annotation CSV; returns ``(frame, num_classes)``.
+
+    The frame gains ``labels`` (list of ints) and keeps every original column. When
+    ``num_classes`` is None it is inferred as the largest class index + 1.
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise UserError(f"annotation file {csv_path} does not exist (set PATH_TRAIN_ANNFILE in config.py or --annFile)")
+    try:
+        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except Exception as exc:
+        raise UserError(f"annotation file {csv_path} cannot be read as CSV ({type(exc).__name__}: {exc})") from None
+    required = REQUIRED_COLUMNS + ((bag_column,) if bag_column else ())
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise UserError(f"annotation file {csv_path} has no column {missing[0]!r} "
+                        f"(expected columns {', '.join(required)}; found {', '.join(map(str, df.columns))})")
+    df["Split"] = df["Split"].str.strip().str.lower()
+    bad_split = df.loc[~df["Split"].isin(SPLITS), "Split"]
+    if len(bad_split):
+        row = bad_split.index[0] + 2  # 1-based, after the header line
+        raise UserError(f"{csv_path}:{row}: Split {bad_split.iloc[0]!r} is not one of {', '.join(SPLITS)}")
+    df["labels"] = [parse_target(v, f"{csv_path}:{i + 2}") for i, v in enumerate(df["TARGET"])]
+    largest = max((labels[-1] for labels in df["labels"]), default=-1)
+    if num_classes is None:
+        num_classes = largest + 1
+    elif largest >= num_classes:
+        row = next(i for i, labels in enumerate(df["labels"]) if labels[-1] >= num_classes)
+        raise UserError(f"{csv_path}:{row + 2}: TARGET {df['TARGET'].iloc[row]!r} has class {df['labels'].iloc[row][-1]} "
+                        f"outside 0..{num_classes - 1} (NUM_CATEGORIES in config.py / --numClasses is {num_classes})")
+    return df, num_classes
+
+
+def multi_hot(label_lists, num_classes):
+    out = torch.zeros(len(label_lists), num_classes)
+    for i, labels in enumerate(label_lists):  # once per bag at start-up, not per step
+        out[i, labels] = 1.0
+    return out
+
+
+@dataclass
+class TileSet:
+    """The instances of one split: which image and box each tile comes from, and its bag."""
+
+    bags: pd.DataFrame          # one row per bag: bag, path (first image), TARGET, labels
+    bag_labels: torch.Tensor    # [B, C] multi-hot
+    image_paths: list           # absolute path of each tile's source image
+    boxes: np.ndarray           # [T, 4] (left, top, right, bottom) in the source image, or -1 = whole image
+    tile_bag: torch.Tensor      # [T] index into bags
+
+    @property
+    def tile_labels(self):
+        """[T, C] labels of each tile, copied from its bag."""
+        return self.bag_labels[self.tile_bag]
+
+    def __len__(self):
+        return len(self.image_paths)
+
+
+def _image_size(path):
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except FileNotFoundError:
+        raise UserError(f"image {path} does not exist (check the CSV's path column and DIR_*_IMAGES / --imageDir)") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UserError(f"image {path} cannot be read as an image ({exc})") from None
+
+
+def build_tileset(df, split, image_dir, num_classes, tile_size, bag_column=None, csv_path="annotations"):
+    """Plan the tiles of ``split`` (reads only image headers, decodes nothing)."""
+    rows = df[df["Split"] == split].reset_index(drop=True)
+    if rows.empty:
+        raise UserError(f"annotation file {csv_path} has no rows with Split == {split!r}")
+    image_dir = Path(image_dir)
+    paths = [str(image_dir / p) for p in rows["path"]]
+    if bag_column:  # pre-tiled: one instance per row, bags from the named column
+        bag_names = rows[bag_column].astype(str)
+        bags = rows.groupby(bag_names, sort=False).first().reset_index(names="bag")
+        for bag, group in rows.groupby(bag_names, sort=False):
+            if len({tuple(x) for x in group["labels"]}) > 1:
+                raise UserError(f"{csv_path}: the tiles of bag {bag!r} have different TARGETs; a bag has one label set")
+        bag_index = {b: i for i, b in enumerate(bags["bag"])}
+        tile_bag = [bag_index[b] for b in bag_names]
+        for p in paths:
+            _image_size(p)
+        boxes = np.full((len(paths), 4), -1, dtype=np.int64)
+        tile_paths = paths
+    else:
+        bags = rows.assign(bag=rows["path"])
+        tile_paths, boxes, tile_bag = [], [], []
+        for b, p in enumerate(paths):
+            w, h = _image_size(p)
+            nx, ny = w // tile_size, h // tile_size
+            if nx == 0 or ny == 0:
+                raise UserError(f"image {p} is {w}x{h}, smaller than one {tile_size}x{tile_size} tile "
+                                f"(lower --tileSize or drop the image)")
+            for ty in range(ny):
+                for tx in range(nx):
+                    tile_paths.append(p)
+                    boxes.append((tx * tile_size, ty * tile_size, (tx + 1) * tile_size, (ty + 1) * tile_size))
+                    tile_bag.append(b)
+        boxes = np.asarray(boxes, dtype=np.int64)
+    return TileSet(bags=bags, bag_labels=multi_hot(list(bags["labels"]), num_classes), image_paths=tile_paths,
+                   boxes=boxes, tile_bag=torch.as_tensor(tile_bag, dtype=torch.long))
+
+
+def _decode_tiles(path, boxes, image_size):
+    """Decode ``path`` once and return its tiles resized to ``image_size`` (uint8, N x N x 3)."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            out = []
+            for box in boxes:
+                tile = im if box[0] < 0 else im.crop(tuple(int(v) for v in box))
+                out.append(np.asarray(tile.resize((image_size, image_size), Image.BILINEAR)))
+            return out
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UserError(f"image {path} cannot be decoded ({exc})") from None
+
+
+def tile_cache_key(tiles, image_size):
+    """Cache file name that changes when any source image, box or size changes."""
+    h = hashlib.sha1()
+    for p in dict.fromkeys(tiles.image_paths):
+        st = os.stat(p)
+        h.update(f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns};".encode())
+    h.update(tiles.boxes.tobytes())
+    h.update(f"N={image_size}".encode())
+    return f"tiles_{h.hexdigest()[:16]}_{len(tiles)}x{image_size}.npy"
+
+
+def build_tile_cache(tiles, image_size, cache_dir, num_workers=0, desc="tiles"):
+    """Decode every image of ``tiles`` once into a ``[T, N, N, 3]`` uint8 ``.npy``; return its path.
+
+    An existing cache with the same key is reused (no decoding at all). The file is written
+    under a temporary name and renamed when complete, so an interrupted build leaves nothing.
+    """
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / tile_cache_key(tiles, image_size)
+    if path.is_file():
+        return path
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(tiles), image_size, image_size, 3))
+    order = {}
+    for i, p in enumerate(tiles.image_paths):
+        order.setdefault(p, []).append(i)
+    jobs = list(order.items())
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+            results = pool.map(lambda job: (job[1], _decode_tiles(job[0], tiles.boxes[job[1]], image_size)), jobs)
+            for idx, decoded in progress(results, desc=f"caching {desc}", total=len(jobs)):
+                arr[idx] = np.stack(decoded)
+        arr.flush()
+        del arr
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+class CachedTileDataset(torch.utils.data.Dataset):
+    """Tiles from a cache file as ``(uint8 tensor [3, N, N], tile index)``.
+
+    Labels, weights and targets are looked up by tile index in the training loop, where they
+    live as tensors: the dataset stays trivial and the loop stays vectorised. Normalisation
+    and flips run on the batch on the compute device. The memory map is opened lazily in each
+    process, so DataLoader workers share the page cache instead of copying the array.
+    """
+
+    def __init__(self, cache_path, indices=None):
+        self.cache_path = str(cache_path)
+        self._arr = None
+        n = len(np.load(self.cache_path, mmap_mode="r"))
+        self.indices = np.arange(n) if indices is None else np.asarray(indices)
+
+    def _array(self):
+        if self._arr is None:
+            self._arr = np.load(self.cache_path, mmap_mode="r")
+        return self._arr
+
+    def __getstate__(self):
+        return {**self.__dict__, "_arr": None}
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        idx = int(self.indices[i])
+        tile = torch.from_numpy(np.array(self._array()[idx])).permute(2, 0, 1)  # copy out of the map
+        return tile, idx
+
+
+def describe(tiles):
+    """One-line summary of a TileSet for the log."""
+    n_labels = tiles.bag_labels.sum(dim=1)
+    return json.dumps({"bags": len(tiles.bags), "tiles": len(tiles),
+                       "labels_per_bag": round(n_labels.mean().item(), 2) if len(n_labels) else 0})

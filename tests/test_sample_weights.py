@@ -1,0 +1,185 @@
+"""The self-paced method: weight initialisation, lr coefficients, targets, sampler, loss, update."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from datasets.samplers import InstanceSampler, sampling_entropy
+from models.losses_ana import weighted_bce_loss
+from models.pseudo_labels import make_targets, weight_scores
+from models.sample_weights import InstanceWeights, init_weights, lr_coefficients, sampler_weights, weight_stats
+from utils.errors import UserError
+
+# Four tiles, three classes: tile 0 from a single-label bag {0}, tiles 1-2 from bag {0, 1},
+# tile 3 from bag {1, 2}. Class counts over tiles: [3, 3, 1].
+T = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 1, 0], [0, 1, 1]], dtype=torch.float32)
+
+
+def test_iw_ones():
+    assert torch.equal(init_weights(T, "iw-ones", "label"), T)
+    assert torch.equal(init_weights(T, "iw-ones", "sample"), torch.ones(4))
+
+
+def test_iw_data_label_softmax_over_positive_classes():
+    f = [3 / 7, 3 / 7, 1 / 7]  # class frequencies normalised to sum 1
+    e1, e2 = math.exp(f[1]), math.exp(f[2])
+    expected = torch.tensor([[1, 0, 0], [0.5, 0.5, 0], [0.5, 0.5, 0], [0, e1 / (e1 + e2), e2 / (e1 + e2)]])
+    assert torch.allclose(init_weights(T, "iw-data", "label"), expected, atol=1e-6)
+
+
+def test_iw_data_sample_softmax_over_group_sizes():
+    # groups: {0} has 1 tile, {0,1} has 2, {1,2} has 1 -> v = [1/4, 2/4, 1/4]
+    z = math.exp(0.25) * 2 + math.exp(0.5)
+    expected = torch.tensor([math.exp(0.25) / z, math.exp(0.5) / z, math.exp(0.5) / z, math.exp(0.25) / z])
+    assert torch.allclose(init_weights(T, "iw-data", "sample"), expected, atol=1e-6)
+
+
+def test_iw_sample_is_one_over_label_count():
+    expected = torch.tensor([[1, 0, 0], [0.5, 0.5, 0], [0.5, 0.5, 0], [0, 0.5, 0.5]])
+    assert torch.allclose(init_weights(T, "iw-sample", "label"), expected)
+    assert torch.allclose(init_weights(T, "iw-sample", "sample"), torch.tensor([1, 0.5, 0.5, 0.5]))
+
+
+def test_init_rows_without_labels_are_zero_not_nan():
+    t = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    for method in ("iw-ones", "iw-data", "iw-sample"):
+        w = init_weights(t, method, "label")
+        assert torch.isfinite(w).all() and torch.equal(w[0], torch.zeros(2)), method
+
+
+def test_ulr_adaptive_coefficients():
+    assert torch.equal(lr_coefficients(T, "ulr-ones"), torch.ones(4))
+    # label counts 1, 2, 2, 2 and C_max = 2: log(1)/log(2) = 0, log(2)/log(2) = 1
+    assert torch.allclose(lr_coefficients(T, "ulr-adaptive"), torch.tensor([0.0, 1.0, 1.0, 1.0]))
+    t3 = torch.cat([T, torch.ones(1, 3)])  # one 3-label tile: C_max = 3
+    lam = lr_coefficients(t3, "ulr-adaptive")
+    assert torch.allclose(lam, torch.tensor([0, math.log(2) / math.log(3), math.log(2) / math.log(3),
+                                             math.log(2) / math.log(3), 1.0]), atol=1e-6)
+
+
+def test_ulr_adaptive_single_label_data_and_empty_rows_give_zero():
+    single = torch.eye(3)
+    assert torch.equal(lr_coefficients(single, "ulr-adaptive"), torch.zeros(3))  # C_max == 1: no NaN
+    with_empty = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    assert torch.equal(lr_coefficients(with_empty, "ulr-adaptive"), torch.tensor([0.0, 1.0]))
+
+
+def test_dispatcher_real_soft_pseudo():
+    labels = torch.tensor([[1.0, 1.0, 0.0]])
+    alpha = torch.tensor([[0.2, 0.8, 0.5]])  # the 0.5 on a negative class must not count
+    assert torch.equal(make_targets(labels, alpha, "real"), labels)
+    assert torch.allclose(make_targets(labels, alpha, "soft"), torch.tensor([[0.25, 1.0, 0.0]]))
+    g = torch.Generator().manual_seed(0)
+    draws = torch.cat([make_targets(labels, alpha, "pseudo", generator=g) for _ in range(4000)])
+    assert torch.all(draws[:, 1] == 1)          # the largest-weight label is always kept
+    assert torch.all(draws[:, 2] == 0)          # negatives never appear
+    assert abs(draws[:, 0].mean().item() - 0.25) < 0.03  # kept with probability alpha_k / alpha_max
+
+
+def test_dispatcher_sample_granularity_and_nan():
+    labels = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+    assert torch.equal(weight_scores(labels, torch.tensor([0.3, float("nan")])),
+                       torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]))
+
+
+def test_sampler_weights_and_all_zero_error():
+    alpha = torch.tensor([[0.5, 0.0, 0.9], [-1.0, 0.3, 0.0], [float("nan"), 0.0, 0.0]])
+    labels = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert torch.allclose(sampler_weights(alpha, labels), torch.tensor([0.5, 0.3, 0.0]))  # 0.9 is on a negative
+    assert torch.allclose(sampler_weights(torch.tensor([0.2, -0.1, 0.4]), labels), torch.tensor([0.2, 0.0, 0.4]))
+    with pytest.raises(UserError, match="dropped to zero"):
+        sampler_weights(torch.tensor([[-0.1, 0.0, 0.0]]), torch.tensor([[1.0, 0.0, 0.0]]))
+
+
+def test_weight_stats_counts_dropped_pairs():
+    alpha = torch.tensor([[0.5, 0.0], [0.0, 0.25]])
+    labels = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    stats = weight_stats(alpha, labels)  # positive pairs: 0.5, 0.0, 0.25
+    assert stats["dropped_fraction"] == pytest.approx(1 / 3) and stats["mean"] == pytest.approx(0.25)
+
+
+def _bce(p, y):
+    return -(y * math.log(p) + (1 - y) * math.log(1 - p))
+
+
+def test_weighted_bce_label_granularity_value_and_gradient():
+    z = torch.tensor([[0.3, -1.2], [2.0, 0.1]])
+    y = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    alpha = torch.tensor([[0.5, 0.7], [-0.2, 2.0]], requires_grad=True)
+    loss = weighted_bce_loss(z, y, alpha, "label")
+    p = [[1 / (1 + math.exp(-v)) for v in row] for row in z.tolist()]
+    # weights: ReLU(alpha) where y == 1, 1 elsewhere; alpha -0.2 -> 0 drops that pair
+    expected = 0.5 * _bce(p[0][0], 1) + 1.0 * _bce(p[0][1], 0) + 0.0 * _bce(p[1][0], 1) + 2.0 * _bce(p[1][1], 1)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    # d loss / d alpha = BCE on weighted entries with alpha > 0, else 0
+    expected_grad = torch.tensor([[_bce(p[0][0], 1), 0.0], [0.0, _bce(p[1][1], 1)]])
+    assert torch.allclose(alpha.grad, expected_grad, atol=1e-6)
+    assert torch.all(alpha.grad >= 0)  # weights can only shrink under descent
+
+
+def test_weighted_bce_sample_granularity_and_nan_weight():
+    z = torch.tensor([[0.3, -1.2], [2.0, 0.1]])
+    y = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    alpha = torch.tensor([0.5, float("nan")], requires_grad=True)
+    loss = weighted_bce_loss(z, y, alpha, "sample")
+    expected = 0.5 * F.binary_cross_entropy_with_logits(z[0], y[0], reduction="sum").item()
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    assert alpha.grad[0].item() == pytest.approx(expected / 0.5, rel=1e-6)
+
+
+def test_instance_weights_match_per_tile_adam_parameters():
+    """The vectorised update equals the reference's one-Adam-parameter-per-tile layout."""
+    torch.manual_seed(0)
+    n, c, lr = 6, 3, 0.05
+    alpha0 = torch.rand(n, c)
+    lam = torch.tensor([0.0, 0.5, 1.0, 1.0, 0.25, 2.0])
+    ours = InstanceWeights(alpha0, lr=lr)
+    ours.set_lr_scale(lam)
+    params = [torch.nn.Parameter(alpha0[i].clone()) for i in range(n)]
+    ref = torch.optim.Adam([{"params": [p], "lr": lr * lam[i].item()} for i, p in enumerate(params)])
+    batches = [torch.tensor([0, 2, 3]), torch.tensor([2, 5, 5, 1]), torch.tensor([4, 2])]  # 5 twice: summed
+    for idx in batches * 2:
+        grad = torch.randn(len(idx), c)
+        ref.zero_grad(set_to_none=True)
+        for row, g in zip(idx.tolist(), grad):
+            params[row].grad = g.clone() if params[row].grad is None else params[row].grad + g
+        ref.step()
+        ours.step(idx, grad)
+    assert torch.allclose(ours.alpha, torch.stack([p.detach() for p in params]), atol=1e-6)
+    assert torch.equal(ours.alpha[0], alpha0[0])  # lambda 0: never moves (it was in a batch)
+    assert torch.equal(ours.steps, torch.tensor([2.0, 2.0, 6.0, 2.0, 2.0, 2.0]))
+
+
+def test_instance_weights_untouched_rows_and_reset():
+    w = InstanceWeights(torch.ones(4), lr=0.1)
+    w.step(torch.tensor([1]), torch.tensor([2.0]))
+    assert w.alpha[1].item() == pytest.approx(0.9, abs=1e-6)  # first Adam step moves by lr
+    assert torch.equal(w.alpha[[0, 2, 3]], torch.ones(3))
+    w.reset_state()
+    assert w.steps.sum() == 0 and w.exp_avg.abs().sum() == 0
+    state = w.state_dict()
+    w2 = InstanceWeights(torch.zeros(4), lr=0.1)
+    w2.load_state_dict(state)
+    assert torch.equal(w2.alpha, w.alpha)
+    with pytest.raises(UserError, match="shape"):
+        InstanceWeights(torch.zeros(5), lr=0.1).load_state_dict(state)
+
+
+def test_instance_sampler_shuffles_and_weights():
+    s = InstanceSampler(50, seed=3)
+    s.set_epoch(1)
+    order = list(s)
+    assert sorted(order) == list(range(50)) and order != list(range(50))
+    assert list(s) == order  # same seed and epoch, same order (resumable)
+    s.set_epoch(2)
+    assert list(s) != order
+    w = torch.zeros(50)
+    w[[4, 7]] = torch.tensor([1.0, 3.0])
+    s.set_weights(w)
+    drawn = torch.tensor(list(s))
+    assert set(drawn.tolist()) <= {4, 7} and len(drawn) == 50
+    assert sampling_entropy(torch.ones(10)) == pytest.approx(1.0)
+    assert sampling_entropy(torch.tensor([1.0, 0, 0, 0])) == pytest.approx(0.0)
