@@ -1,0 +1,86 @@
+"""Write small synthetic demo datasets so the training scripts run without private data.
+
+    python make_demo_data.py                  # ./data/images/*.png + ./data/annotations.csv
+    python make_demo_data.py --out /tmp/ana --nTrain 16 --tileSize 128
+
+The ANA family goes where config.py looks by default (DIR_TRAIN_IMAGES='./data/images/',
+PATH_TRAIN_ANNFILE='./data/annotations.csv'). A marker file ``<out>/.ana_demo`` records the
+generator arguments: a second run with the same arguments returns at once, and a foreign
+annotations.csv (no marker) is never overwritten without ``--force``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from datasets.synthetic_ana import generate_ana_demo
+
+MARKER_FORMAT = 1  # bump when the generator's output changes, so old demos get rebuilt
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--family", choices=["ana", "all"], default="all",
+                   help="which demo dataset(s) to write (default: all)")
+    p.add_argument("--out", default="./data", help="output directory (default: ./data)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--nTrain", type=int, default=40, help="train images (default: 40)")
+    p.add_argument("--nVal", type=int, default=12, help="val images (default: 12)")
+    p.add_argument("--nTest", type=int, default=12, help="test images (default: 12)")
+    p.add_argument("--tileSize", type=int, default=448,
+                   help="tile side in px; the paper tiles at 448 (default: 448)")
+    p.add_argument("--tilesX", type=int, default=2, help="tiles per image row (default: 2)")
+    p.add_argument("--tilesY", type=int, default=2, help="tiles per image column (default: 2)")
+    p.add_argument("--force", action="store_true",
+                   help="regenerate even if the data exist or were not written by this script")
+    return p
+
+
+def _make_ana(args: argparse.Namespace) -> Path:
+    """ANA MIML demo: <out>/images/, <out>/annotations.csv and the marker <out>/.ana_demo."""
+    out = Path(args.out)
+    csv_path, marker = out / "annotations.csv", out / ".ana_demo"
+    gen_args = dict(n_train=args.nTrain, n_val=args.nVal, n_test=args.nTest,
+                    tiles_x=args.tilesX, tiles_y=args.tilesY, tile_size=args.tileSize,
+                    seed=args.seed)
+    record = {"format": MARKER_FORMAT, **gen_args}
+    if csv_path.exists() and not args.force:
+        if not marker.exists():
+            print(f"make_demo_data: {csv_path} exists and was not written by this script; "
+                  f"use --force to overwrite it or choose another --out", file=sys.stderr)
+            raise SystemExit(2)
+        try:
+            same = json.loads(marker.read_text()) == record
+        except (OSError, ValueError):
+            same = False
+        if same:
+            print(f"ANA demo data already there: {csv_path} (same arguments; --force rebuilds)")
+            return csv_path
+    marker.unlink(missing_ok=True)  # an interrupted run must not look complete
+    csv_path = generate_ana_demo(out, **gen_args)
+    marker.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    w, h = args.tilesX * args.tileSize, args.tilesY * args.tileSize
+    print(f"Wrote ANA demo: {args.nTrain} train / {args.nVal} val / {args.nTest} test images "
+          f"({w}x{h} px, {args.tilesX}x{args.tilesY} tiles) -> {csv_path}")
+    return csv_path
+
+
+FAMILIES = {"ana": _make_ana}  # name -> writer(args) returning its annotation CSV
+
+
+def main(argv=None) -> Path:
+    """Write the chosen demo families; returns the CSV path of the first one written."""
+    args = build_parser().parse_args(argv)
+    names = list(FAMILIES) if args.family == "all" else [args.family]
+    try:
+        paths = [FAMILIES[name](args) for name in names]
+    except ValueError as e:  # bad sizes: a one-line message, not a traceback
+        print(f"make_demo_data: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return paths[0]
+
+
+if __name__ == "__main__":
+    main()
