@@ -1,0 +1,29 @@
+"""Self-paced multi-instance multi-label training on ANA immunofluorescence images.
+
+    python main.py --saveModel --lr 1e-3 --weight_lr 1e-3 --initWeight iw-sample \
+        --updateLR ulr-adaptive --granularity label --sampling --trainingLabel pseudo
+
+Defaults come from config.py; every flag overrides them. See README.md.
+"""
+import argparse
+
+import config
+from utils.ana_trainer import add_arguments, run
+from utils.errors import exit_on_user_error
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="Self-paced MIML training for ANA images (multi-label). Defaults from config.py.")
+    return add_arguments(parser, config)
+
+
+@exit_on_user_error
+def main(argv=None):
+    """Parse ``argv`` (default: sys.argv), train, and return the final metrics dict."""
+    args = build_parser().parse_args(argv)
+    return run(args, config)
+
+
+if __name__ == "__main__":
+    main()

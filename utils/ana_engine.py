@@ -1,0 +1,93 @@
+"""One ANA training epoch and the tile/bag evaluations. Each returns plain numbers or tensors."""
+import time
+
+import torch
+
+from models.losses_ana import weighted_bce_loss
+from models.pseudo_labels import make_targets
+from utils.errors import UserError
+from utils.logger import progress
+
+
+class BatchPreprocessor:
+    """uint8 batch -> normalised float batch on the compute device, with optional flips.
+
+    Doing this on the device for the whole batch keeps the DataLoader workers to reading
+    cached tiles only. Training augmentation is a horizontal flip with p=0.5 (as the reference).
+    """
+
+    def __init__(self, mean, std, device):
+        self.device = device
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0
+
+    def __call__(self, x, train=False):
+        x = x.to(self.device, non_blocking=True).float()
+        if train:
+            flip = torch.rand(x.shape[0], 1, 1, 1, device=self.device) < 0.5
+            x = torch.where(flip, x.flip(3), x)
+        return (x - self.mean) / self.std
+
+
+def train_one_epoch(model, loader, optimizer, weights, tile_labels, targets, preprocess, *,
+                    granularity, training_label, desc="train"):
+    """Train one epoch; update ``weights`` and the stored per-tile ``targets`` in place.
+
+    ``tile_labels`` [T, C] are the bag labels of each tile; ``targets`` [T, C] receives the
+    targets actually used (pseudo/soft labels), which drive the ``ulr-adaptive`` groups.
+    Batches whose targets are all zero are skipped (the reference's behaviour).
+    Returns averaged numbers: loss per image, images seen, skipped batches, timings.
+    """
+    model.train()
+    device = preprocess.device
+    total_loss, n_images, n_steps, skipped = 0.0, 0, 0, 0
+    t_data = t_compute = 0.0
+    tic = time.perf_counter()
+    for x, idx in progress(loader, desc=desc):
+        idx = idx.to(device, non_blocking=True)
+        x = preprocess(x, train=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t_data += time.perf_counter() - tic
+        tic = time.perf_counter()
+        alpha = weights.gather(idx)
+        target = make_targets(tile_labels[idx], alpha, training_label)
+        if not torch.any(target > 0):
+            skipped += 1
+            t_compute += time.perf_counter() - tic
+            tic = time.perf_counter()
+            continue
+        targets[idx] = target
+        logits = model(x)
+        loss = weighted_bce_loss(logits, target, alpha, granularity)
+        if not torch.isfinite(loss):
+            raise UserError(f"the training loss became {loss.item()} at step {n_steps}; lower --lr / --weight_lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        weights.step(idx, alpha.grad)
+        total_loss += loss.item()
+        n_images += len(idx)
+        n_steps += 1
+        t_compute += time.perf_counter() - tic
+        tic = time.perf_counter()
+    return {"loss": total_loss / max(n_images, 1), "images": n_images, "steps": n_steps,
+            "skipped_batches": skipped, "time_data": t_data, "time_compute": t_compute,
+            "images_per_s": n_images / max(t_data + t_compute, 1e-9)}
+
+
+@torch.no_grad()
+def predict(model, loader, preprocess, desc="eval"):
+    """Sigmoid probabilities [n, C] (on the CPU) for every tile of ``loader``, in order."""
+    model.eval()
+    out = []
+    for x, _ in progress(loader, desc=desc):
+        out.append(torch.sigmoid(model(preprocess(x)).float()).cpu())
+    return torch.cat(out)
+
+
+def bag_max(tile_probs, tile_bag, num_bags):
+    """Bag probabilities: the maximum over each bag's tiles, per class (paper Eq. 7)."""
+    index = tile_bag.view(-1, 1).expand_as(tile_probs)
+    out = torch.zeros(num_bags, tile_probs.shape[1], dtype=tile_probs.dtype)
+    return out.scatter_reduce(0, index, tile_probs, reduce="amax", include_self=False)

@@ -1,0 +1,285 @@
+"""The ANA self-paced MIML training run shared by main.py and main_single.py.
+
+``add_arguments(parser, cfg)`` declares the CLI (defaults from a config module) and
+``run(args, cfg)`` trains: data -> tiles cache -> model + instance weights -> epochs of
+train / validate (tiles) / test (bags, on each new best) -> output files.
+"""
+import argparse
+import json
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from datasets.ana import CachedTileDataset, build_tile_cache, build_tileset, describe, read_annotations
+from datasets.samplers import InstanceSampler, sampling_entropy
+from models.backbones import RESNETS, build_resnet_classifier
+from models.pseudo_labels import TRAINING_LABELS
+from models.sample_weights import (GRANULARITIES, INIT_METHODS, LR_METHODS, InstanceWeights, init_weights,
+                                   lr_coefficients, sampler_weights, weight_stats)
+from utils.ana_engine import BatchPreprocessor, bag_max, predict, train_one_epoch
+from utils.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from utils.device import resolve_device
+from utils.early_stopping import EarlyStopping
+from utils.errors import UserError
+from utils.logger import close_run_logger, make_summary_writer, setup_run_logger
+from utils.metrics import best_improved, format_metrics, multilabel_metrics
+from utils.results import ResultsFile
+from utils.seed import rng_state, seed_everything, seed_worker, set_rng_state
+
+# val metric key -> checkpoint file suffix of the seed README ({epoch}_f1mi.pt, ...)
+BEST_METRICS = {"f1_mi": "f1mi", "f1_ma": "f1ma", "acc_total": "acc", "mAP": "mAP"}
+
+
+def add_arguments(parser, cfg):
+    """Declare every flag of the seed README plus ours; defaults come from ``cfg``."""
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=cfg.LR, help="network learning rate (default: %(default)s)")
+    g.add_argument("--weight_lr", type=float, default=cfg.WEIGHT_LR,
+                   help="learning rate of the instance weights (default: %(default)s)")
+    g.add_argument("--epoch", type=int, default=cfg.EPOCHS, help="maximum number of epochs (default: %(default)s)")
+    g.add_argument("--trainBatchSize", type=int, default=cfg.TRAIN_BATCH_SIZE, help="training batch size (default: %(default)s)")
+    g.add_argument("--testBatchSize", type=int, default=cfg.TEST_BATCH_SIZE, help="evaluation batch size (default: %(default)s)")
+    g.add_argument("--weightDecay", type=float, default=cfg.WEIGHT_DECAY,
+                   help="Adam L2 weight decay, network and instance weights (default: %(default)s)")
+    g.add_argument("--patience", type=int, default=cfg.PATIENCE,
+                   help="early stopping: epochs without any val metric improving (0 = off; default: %(default)s)")
+    g.add_argument("--resetOptimizer", action="store_true",
+                   help="reset the network's Adam state every epoch, as the reference code did (default: off)")
+    g = parser.add_argument_group("self-paced method")
+    g.add_argument("--initWeight", choices=INIT_METHODS, default="iw-ones", help="weight initialisation (default: %(default)s)")
+    g.add_argument("--updateLR", choices=LR_METHODS, default="ulr-ones",
+                   help="per-label-combination weight learning rates (default: %(default)s)")
+    g.add_argument("--trainingLabel", choices=TRAINING_LABELS, default="real",
+                   help="targets: bag labels, Bernoulli pseudo-labels, or soft labels (default: %(default)s)")
+    g.add_argument("--granularity", choices=GRANULARITIES, default="label",
+                   help="one weight per tile and class, or per tile (default: %(default)s)")
+    g.add_argument("--sampling", action=argparse.BooleanOptionalAction, default=False,
+                   help="draw tiles by their weights instead of shuffling (default: off)")
+    g = parser.add_argument_group("data and model")
+    g.add_argument("--annFile", default=None,
+                   help="annotation CSV for train, val and test (default: PATH_TRAIN/TEST_ANNFILE of the config)")
+    g.add_argument("--imageDir", default=None, help="image directory for all splits (default: DIR_TRAIN/TEST_IMAGES of the config)")
+    g.add_argument("--bagColumn", default=cfg.BAG_COLUMN,
+                   help="pre-tiled CSV: column naming each tile's bag (default: none, whole images are tiled)")
+    g.add_argument("--numClasses", type=int, default=cfg.NUM_CATEGORIES,
+                   help="number of classes (default: %(default)s; 0 = infer from the CSV)")
+    g.add_argument("--arch", choices=RESNETS, default=cfg.ARCH, help="backbone (default: %(default)s)")
+    g.add_argument("--imageSize", type=int, default=cfg.N, help="tiles are resized to N x N (default: %(default)s)")
+    g.add_argument("--tileSize", type=int, default=cfg.TILE_SIZE, help="tile side in source pixels (default: %(default)s)")
+    g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
+                   help="start from ImageNet weights: --pretrainedWeights, else the torch hub cache, else a download "
+                        "(default: on; an offline machine needs --no-pretrained)")
+    g.add_argument("--pretrainedWeights", default=None, help="local ImageNet weight file for --pretrained")
+    g = parser.add_argument_group("run")
+    g.add_argument("--saveModel", action="store_true", help="save the best model per metric (default: off)")
+    g.add_argument("--loadModel", action="store_true", help="resume from last.pt in --pathModelParams (default: off)")
+    g.add_argument("--pathModelParams", default=None,
+                   help=f"run directory (default: {cfg.PATH_MODEL_ROOT}/<name built from the hyperparameters>)")
+    g.add_argument("--cacheDir", default=cfg.CACHE_DIR, help="where decoded tiles are cached (default: %(default)s)")
+    g.add_argument("--numWorkers", type=int, default=2, help="DataLoader worker processes (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=42, help="random seed (default: %(default)s)")
+    g.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on GPU; default: off)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    return parser
+
+
+def default_run_name(args, cfg):
+    """Run directory built from the hyperparameters, so different settings never collide."""
+    sampling = "sampling" if args.sampling else "nosampling"
+    name = (f"{cfg.RUN_PREFIX}_{args.arch}_N{args.imageSize}_T{args.tileSize}_lr{args.lr:g}_wlr{args.weight_lr:g}_"
+            f"{args.initWeight}_{args.updateLR}_{args.granularity}_{args.trainingLabel}_{sampling}_"
+            f"bs{args.trainBatchSize}_seed{args.seed}")
+    return Path(cfg.PATH_MODEL_ROOT) / name
+
+
+def git_revision():
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _check_args(args):
+    for name in ("lr", "weight_lr"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} {getattr(args, name)} must be >= 0")
+    for name in ("epoch", "trainBatchSize", "testBatchSize", "imageSize", "tileSize"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} {getattr(args, name)} must be >= 1")
+
+
+def load_splits(args, cfg, single_label=False, log=print):
+    """Read and validate the annotations and plan the tiles of each split (decodes nothing)."""
+    ann_train = Path(args.annFile or cfg.PATH_TRAIN_ANNFILE)
+    ann_test = Path(args.annFile or cfg.PATH_TEST_ANNFILE)
+    dir_train = args.imageDir or cfg.DIR_TRAIN_IMAGES
+    dir_test = args.imageDir or cfg.DIR_TEST_IMAGES
+    num_classes = args.numClasses or None
+    df_train, num_classes = read_annotations(ann_train, num_classes, args.bagColumn)
+    df_test = df_train if ann_test == ann_train else read_annotations(ann_test, num_classes, args.bagColumn)[0]
+    tiles = {}
+    for split, df, image_dir, csv in (("train", df_train, dir_train, ann_train), ("val", df_train, dir_train, ann_train),
+                                      ("test", df_test, dir_test, ann_test)):
+        tiles[split] = build_tileset(df, split, image_dir, num_classes, args.tileSize, args.bagColumn, csv)
+    return tiles, num_classes
+
+
+def _loader(dataset, batch_size, num_workers, device, sampler=None):
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
+        pin_memory=device.type == "cuda", persistent_workers=num_workers > 0, worker_init_fn=seed_worker)
+
+
+def _write_predictions(path, tileset, probs, num_classes):
+    frame = pd.DataFrame({"path": tileset.bags["bag"].astype(str), "target": tileset.bags["TARGET"]})
+    for k in range(num_classes):
+        frame[f"prob_{k}"] = probs[:, k].numpy().round(6)
+    atomic_write(path, lambda f: frame.to_csv(f, index=False), mode="w")
+
+
+def _log_scalars(writer, prefix, values, step):
+    for key, value in values.items():
+        if isinstance(value, (int, float)) and value == value:
+            writer.add_scalar(f"{prefix}/{key}", value, step)
+
+
+def run(args, cfg):
+    """Train (or resume) one run; return ``{"best": ..., "val": ..., "test": ...}`` metrics."""
+    _check_args(args)
+    device = resolve_device(args.device)
+    tiles, num_classes = load_splits(args, cfg)
+    run_dir = Path(args.pathModelParams) if args.pathModelParams else default_run_name(args, cfg)
+    last_path = run_dir / "last.pt"
+    if args.loadModel and not last_path.is_file():
+        raise UserError(f"--loadModel: {last_path} does not exist (nothing to resume; drop --loadModel to start a new run)")
+    if not args.loadModel and (last_path.is_file() or (run_dir / "results.json").is_file()):
+        raise UserError(f"run directory {run_dir} already holds a run; pass --loadModel to resume it "
+                        f"or choose another --pathModelParams")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logger = setup_run_logger(str(run_dir.resolve()), run_dir / "output.txt")
+    writer = None
+    try:
+        writer = make_summary_writer(run_dir)
+        return _train(args, cfg, device, tiles, num_classes, run_dir, logger, writer)
+    except UserError as exc:
+        logger.error(f"error: {exc}", extra={"file_only": True})
+        raise
+    finally:
+        if writer is not None:
+            writer.close()
+        close_run_logger(logger)
+
+
+def _train(args, cfg, device, tiles, num_classes, run_dir, logger, writer):
+    logger.info(f"git {git_revision()} | device {device} | torch {torch.__version__}")
+    logger.info("args " + json.dumps(dict(sorted(vars(args).items())), default=str))
+    atomic_write(run_dir / "args.json", lambda f: json.dump(vars(args), f, indent=2, default=str), mode="w")
+    for split, ts in tiles.items():
+        logger.info(f"{split}: {describe(ts)}")
+    seed_everything(args.seed, args.deterministic)
+
+    caches = {split: build_tile_cache(ts, args.imageSize, args.cacheDir, args.numWorkers, desc=split)
+              for split, ts in tiles.items()}
+    model = build_resnet_classifier(args.arch, num_classes, args.pretrained, args.pretrainedWeights).to(device)
+    logger.info(f"model {args.arch}, {num_classes} classes, "
+                + ("ImageNet-pretrained" if args.pretrained else "random initialisation (--no-pretrained)"))
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weightDecay)
+
+    train = tiles["train"]
+    tile_labels = train.tile_labels.to(device)
+    targets = tile_labels.clone()
+    weights = InstanceWeights(init_weights(train.tile_labels, args.initWeight, args.granularity),
+                              lr=args.weight_lr, weight_decay=args.weightDecay).to(device)
+    weights.set_lr_scale(lr_coefficients(targets, args.updateLR))
+    sampler = InstanceSampler(len(train), seed=args.seed)
+    train_loader = _loader(CachedTileDataset(caches["train"]), args.trainBatchSize, args.numWorkers, device, sampler)
+    val_loader = _loader(CachedTileDataset(caches["val"]), args.testBatchSize, args.numWorkers, device)
+    test_loader = _loader(CachedTileDataset(caches["test"]), args.testBatchSize, args.numWorkers, device)
+    preprocess = BatchPreprocessor(cfg.MEAN, cfg.STD, device)
+
+    results = ResultsFile(run_dir / "results.json")
+    early = EarlyStopping(args.patience)
+    best, best_files, start_epoch = {}, {}, 1
+    if args.loadModel:
+        state = load_checkpoint(run_dir / "last.pt", map_location=device)
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError:
+            raise UserError(f"{run_dir / 'last.pt'} holds a different model than --arch {args.arch} with "
+                            f"{num_classes} classes") from None
+        optimizer.load_state_dict(state["optimizer"])
+        weights.load_state_dict(state["weights"])
+        targets = state["targets"].to(device)
+        early.load_state_dict(state["early_stopping"])
+        best, best_files = dict(state["best"]), dict(state["best_files"])
+        set_rng_state(state["rng"])
+        start_epoch = state["epoch"] + 1
+        results.truncate_after(state["epoch"])
+        logger.info(f"resumed from {run_dir / 'last.pt'} at epoch {start_epoch}")
+        if state.get("stopped"):
+            logger.info("this run had already stopped early; nothing left to train")
+            start_epoch = args.epoch + 1
+
+    last_val, last_test = {}, {}
+    for epoch in range(start_epoch, args.epoch + 1):
+        s = sampler_weights(weights.alpha, tile_labels)  # raises when every weight is zero
+        sampler.set_epoch(epoch)
+        sampler.set_weights(s if args.sampling else None)
+        weights.reset_state()  # the reference rebuilt its Adam every epoch
+        if args.resetOptimizer:
+            optimizer.state.clear()
+        stats = train_one_epoch(model, train_loader, optimizer, weights, tile_labels, targets, preprocess,
+                                granularity=args.granularity, training_label=args.trainingLabel,
+                                desc=f"epoch {epoch} train")
+        val_probs = predict(model, val_loader, preprocess, desc=f"epoch {epoch} val")
+        last_val = multilabel_metrics(tiles["val"].tile_labels, val_probs)
+        improved = best_improved(best, last_val, keys=tuple(BEST_METRICS))
+        logger.info(f"epoch {epoch} | loss {stats['loss']:.4f} | {stats['images_per_s']:.1f} img/s | "
+                    f"skipped {stats['skipped_batches']} | val {format_metrics(last_val)}")
+        if improved:
+            best.update({k: last_val[k] for k in improved})
+            test = tiles["test"]
+            bag_probs = bag_max(predict(model, test_loader, preprocess, desc=f"epoch {epoch} test"),
+                                test.tile_bag, len(test.bags))
+            last_test = multilabel_metrics(test.bag_labels, bag_probs)
+            _write_predictions(run_dir / "test_predictions.csv", test, bag_probs, num_classes)
+            results.append({"epoch": epoch, "improved": improved, "val_results": last_val, "test_results": last_test})
+            logger.info(f"epoch {epoch} | new best {', '.join(improved)} | test {format_metrics(last_test)}")
+            _log_scalars(writer, "test", last_test, epoch)
+            if args.saveModel:
+                for key in improved:
+                    name = f"{epoch}_{BEST_METRICS[key]}.pt"
+                    save_checkpoint(model.state_dict(), run_dir / name)
+                    old = best_files.get(key)
+                    if old and old != name and (run_dir / old).is_file():
+                        (run_dir / old).unlink()
+                    best_files[key] = name
+        weights.set_lr_scale(lr_coefficients(targets, args.updateLR))
+        stop = early.step(bool(improved))
+
+        wstats = weight_stats(weights.alpha, tile_labels)
+        _log_scalars(writer, "train", {k: stats[k] for k in ("loss", "images_per_s", "skipped_batches")}, epoch)
+        writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], epoch)
+        writer.add_scalar("train/weight_lr", args.weight_lr, epoch)
+        _log_scalars(writer, "val", last_val, epoch)
+        _log_scalars(writer, "weights", wstats, epoch)
+        writer.add_scalar("sampler/entropy", sampling_entropy(s) if args.sampling else 1.0, epoch)
+        writer.add_histogram("weights/alpha", weights.alpha[tile_labels > 0] if weights.alpha.dim() == 2
+                             else weights.alpha, epoch)
+        logger.info(f"epoch {epoch} | weights mean {wstats['mean']:.4f} dropped {wstats['dropped_fraction']:.3f}"
+                    + (f" | sampler entropy {sampling_entropy(s):.3f}" if args.sampling else ""))
+
+        save_checkpoint({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "weights": weights.state_dict(), "targets": targets.cpu(), "early_stopping": early.state_dict(),
+                         "best": best, "best_files": best_files, "rng": rng_state(), "stopped": stop,
+                         "config": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))},
+                         "num_classes": num_classes}, run_dir / "last.pt")
+        if stop:
+            logger.info(f"early stopping: no val metric improved for {args.patience} epochs")
+            break
+    logger.info(f"done | best val {json.dumps({k: round(v, 4) for k, v in best.items()})}")
+    return {"best": best, "val": last_val, "test": last_test, "run_dir": str(run_dir)}
