@@ -88,14 +88,14 @@ def sampler_weights(alpha, targets):
     a = torch.relu(alpha.nan_to_num(0.0))
     s = (a * (targets > 0)).amax(dim=1) if a.dim() == 2 else a
     if not torch.any(s > 0):
-        raise UserError("every instance weight has dropped to zero, so the weighted sampler has nothing to draw; "
-                        "lower --weight_lr or use --updateLR ulr-adaptive")
+        raise UserError("every instance weight has dropped to zero: no (tile, label) pair is left to learn from "
+                        "(or to sample); lower --weight_lr")
     return s
 
 
 def weight_stats(alpha, targets):
-    """Summary numbers for logs and TensorBoard: mean positive weight, dropped pairs, etc."""
-    a = alpha.nan_to_num(0.0)
+    """Summary of the weights in use, ``ReLU(alpha)`` on positive pairs: mean, min, max, dropped."""
+    a = torch.relu(alpha.nan_to_num(0.0))
     pos = (targets > 0) if a.dim() == 2 else (targets > 0).any(dim=1)
     vals = a[pos]
     return {

@@ -406,9 +406,6 @@ def test_resume_of_a_finished_run_changes_nothing(ana_args, existing_run, tmp_pa
     assert (run_dir / "output.txt").read_text().startswith(log_before)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG utils/ana_trainer.py:227/285: a resumed run returns only the val/test "
-                                       "metrics of the epochs it ran itself; resuming a finished run returns "
-                                       "val == test == {} instead of the run's final metrics")
 def test_resume_of_a_finished_run_returns_its_final_metrics(ana_args, existing_run, tmp_path):
     _link_copy(existing_run["run_dir"], tmp_path / "run")
     result = main.main(ana_args("--loadModel", "--epoch", "1"))
@@ -550,9 +547,7 @@ BAD_INPUTS = [
     pytest.param(_unreadable_image, id="unreadable-image"),
     pytest.param(_image_smaller_than_a_tile, id="image-smaller-than-tile"),
     pytest.param(_empty_csv, id="empty-csv"),
-    pytest.param(_malformed_csv, id="malformed-csv", marks=pytest.mark.xfail(
-        strict=True, reason="BUG datasets/ana.py:56: pandas' ParserError text ends with a newline, so the "
-                            "error message spans two lines on stderr")),
+    pytest.param(_malformed_csv, id="malformed-csv"),
     pytest.param(_zero_epochs, id="epoch-0"),
     pytest.param(_negative_lr, id="negative-lr"),
     pytest.param(_unknown_device, id="unknown-device"),
@@ -624,31 +619,22 @@ def test_missing_pretrained_weights_fails_and_the_corrected_command_runs(ana_arg
     assert main.main(ana_args("--epoch", "1"))["best"]  # the failed start did not "hold" the directory
 
 
-@pytest.mark.xfail(strict=True, reason="BUG utils/ana_trainer.py:169 logs the error with extra={'file_only': True}, "
-                                       "but utils/logger.py's console handler ignores that flag: the error line "
-                                       "is printed twice on stderr")
 def test_mid_run_error_is_printed_once(ana_args, tmp_path, capsys):
     lines = _expect_user_error(capsys, ana_args("--epoch", "1", "--pretrained", "--pretrainedWeights",
                                                 str(tmp_path / "no_such_weights.pth")))
     assert len([line for line in lines if line.startswith("error: ")]) == 1, lines
 
 
-@pytest.mark.xfail(strict=True, reason="BUG utils/ana_trainer.py:106 _check_args: --numWorkers -1 reaches "
-                                       "DataLoader, which raises ValueError (traceback instead of exit 2)")
 def test_negative_num_workers_is_a_user_error(ana_args, capsys):
     lines = _expect_user_error(capsys, ana_args("--epoch", "1", "--numWorkers", "-1"))
     _assert_mid_run_error(lines, "--numWorkers")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG utils/ana_trainer.py:106 _check_args: --weightDecay -1 reaches "
-                                       "torch.optim.Adam, which raises ValueError (traceback instead of exit 2)")
 def test_negative_weight_decay_is_a_user_error(ana_args, capsys):
     lines = _expect_user_error(capsys, ana_args("--epoch", "1", "--weightDecay", "-1"))
     _assert_mid_run_error(lines, "--weightDecay")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG utils/ana_trainer.py:162: --pathModelParams naming an existing file "
-                                       "raises FileExistsError from mkdir (traceback instead of exit 2)")
 def test_run_dir_that_is_a_file_is_a_user_error(tiny_ana, ana_args, capsys):
     target = tiny_ana / "annotations.csv"
     lines = _expect_user_error(capsys, ana_args("--epoch", "1", "--pathModelParams", str(target)))
@@ -735,3 +721,16 @@ def test_pretiled_csv_gives_one_prediction_per_bag(tiny_ana, ana_args, tmp_path)
         expected = _predict(model, arrays).amax(dim=0).numpy()
         got = np.array([float(row[f"prob_{k}"]) for k in range(NUM_CLASSES)])
         np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_load_model_recovers_a_run_that_died_in_its_first_epoch(ana_args, tmp_path):
+    """results.json written but no last.pt yet: --loadModel starts over at epoch 1 (no dead end)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "results.json").write_text(json.dumps([{"epoch": 1, "val_results": {}, "test_results": {}}]))
+    (run_dir / "args.json").write_text('{"original": true}')
+    main.main(ana_args("--epoch", "1", "--loadModel"))
+    records = json.loads((run_dir / "results.json").read_text())
+    assert [r["epoch"] for r in records] == [1] and records[0]["val_results"]  # the stale record was replaced
+    assert "starting at epoch 1" in (run_dir / "output.txt").read_text()
+    assert json.loads((run_dir / "args.json").read_text()) == {"original": True}  # a resume keeps args.json

@@ -93,10 +93,11 @@ def test_sampler_weights_and_all_zero_error():
 
 
 def test_weight_stats_counts_dropped_pairs():
-    alpha = torch.tensor([[0.5, 0.0], [0.0, 0.25]])
+    alpha = torch.tensor([[0.5, -0.3], [0.0, 0.25]])
     labels = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
-    stats = weight_stats(alpha, labels)  # positive pairs: 0.5, 0.0, 0.25
+    stats = weight_stats(alpha, labels)  # weights in use on positive pairs: 0.5, ReLU(-0.3) = 0, 0.25
     assert stats["dropped_fraction"] == pytest.approx(1 / 3) and stats["mean"] == pytest.approx(0.25)
+    assert stats["min"] == 0.0
 
 
 def _bce(p, y):

@@ -104,9 +104,10 @@ def git_revision():
 
 
 def _check_args(args):
-    for name in ("lr", "weight_lr"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name} {getattr(args, name)} must be >= 0")
+    for name in ("lr", "weight_lr", "weightDecay", "numWorkers", "numClasses", "patience"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise UserError(f"--{name} {value} must be >= 0")
     for name in ("epoch", "trainBatchSize", "testBatchSize", "imageSize", "tileSize"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} {getattr(args, name)} must be >= 1")
@@ -137,7 +138,7 @@ def _loader(dataset, batch_size, num_workers, device, sampler=None):
 def _write_predictions(path, tileset, probs, num_classes):
     frame = pd.DataFrame({"path": tileset.bags["bag"].astype(str), "target": tileset.bags["TARGET"]})
     for k in range(num_classes):
-        frame[f"prob_{k}"] = probs[:, k].numpy().round(6)
+        frame[f"prob_{k}"] = probs[:, k].numpy()
     atomic_write(path, lambda f: frame.to_csv(f, index=False), mode="w")
 
 
@@ -153,10 +154,13 @@ def run(args, cfg):
     device = resolve_device(args.device)
     tiles, num_classes = load_splits(args, cfg)
     run_dir = Path(args.pathModelParams) if args.pathModelParams else default_run_name(args, cfg)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--pathModelParams {run_dir} is a file, expected a run directory")
     last_path = run_dir / "last.pt"
-    if args.loadModel and not last_path.is_file():
+    started = last_path.is_file() or (run_dir / "results.json").is_file()
+    if args.loadModel and not started:
         raise UserError(f"--loadModel: {last_path} does not exist (nothing to resume; drop --loadModel to start a new run)")
-    if not args.loadModel and (last_path.is_file() or (run_dir / "results.json").is_file()):
+    if not args.loadModel and started:
         raise UserError(f"run directory {run_dir} already holds a run; pass --loadModel to resume it "
                         f"or choose another --pathModelParams")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -166,7 +170,7 @@ def run(args, cfg):
         writer = make_summary_writer(run_dir)
         return _train(args, cfg, device, tiles, num_classes, run_dir, logger, writer)
     except UserError as exc:
-        logger.error(f"error: {exc}", extra={"file_only": True})
+        logger.error("error: " + " ".join(str(exc).split()), extra={"file_only": True})
         raise
     finally:
         if writer is not None:
@@ -177,7 +181,8 @@ def run(args, cfg):
 def _train(args, cfg, device, tiles, num_classes, run_dir, logger, writer):
     logger.info(f"git {git_revision()} | device {device} | torch {torch.__version__}")
     logger.info("args " + json.dumps(dict(sorted(vars(args).items())), default=str))
-    atomic_write(run_dir / "args.json", lambda f: json.dump(vars(args), f, indent=2, default=str), mode="w")
+    if not args.loadModel:  # a resume keeps the original run's arguments (output.txt logs the new ones)
+        atomic_write(run_dir / "args.json", lambda f: json.dump(vars(args), f, indent=2, default=str), mode="w")
     for split, ts in tiles.items():
         logger.info(f"{split}: {describe(ts)}")
     seed_everything(args.seed, args.deterministic)
@@ -204,7 +209,12 @@ def _train(args, cfg, device, tiles, num_classes, run_dir, logger, writer):
     results = ResultsFile(run_dir / "results.json")
     early = EarlyStopping(args.patience)
     best, best_files, start_epoch = {}, {}, 1
-    if args.loadModel:
+    last_val, last_test = {}, {}
+    if args.loadModel and not (run_dir / "last.pt").is_file():
+        # the previous attempt died during its first epoch, after writing results.json
+        results.truncate_after(0)
+        logger.info(f"no last.pt in {run_dir}: the previous attempt did not finish an epoch; starting at epoch 1")
+    elif args.loadModel:
         state = load_checkpoint(run_dir / "last.pt", map_location=device)
         try:
             model.load_state_dict(state["model"])
@@ -216,15 +226,17 @@ def _train(args, cfg, device, tiles, num_classes, run_dir, logger, writer):
         targets = state["targets"].to(device)
         early.load_state_dict(state["early_stopping"])
         best, best_files = dict(state["best"]), dict(state["best_files"])
+        last_val, last_test = dict(state["last_val"]), dict(state["last_test"])
         set_rng_state(state["rng"])
         start_epoch = state["epoch"] + 1
         results.truncate_after(state["epoch"])
-        logger.info(f"resumed from {run_dir / 'last.pt'} at epoch {start_epoch}")
-        if state.get("stopped"):
-            logger.info("this run had already stopped early; nothing left to train")
+        if state.get("stopped") or start_epoch > args.epoch:
+            reason = "stopped early" if state.get("stopped") else f"reached --epoch {args.epoch}"
+            logger.info(f"{run_dir / 'last.pt'}: this run already {reason} after epoch {state['epoch']}; nothing to train")
             start_epoch = args.epoch + 1
+        else:
+            logger.info(f"resumed from {run_dir / 'last.pt'} at epoch {start_epoch}")
 
-    last_val, last_test = {}, {}
     for epoch in range(start_epoch, args.epoch + 1):
         s = sampler_weights(weights.alpha, tile_labels)  # raises when every weight is zero
         sampler.set_epoch(epoch)
@@ -276,6 +288,7 @@ def _train(args, cfg, device, tiles, num_classes, run_dir, logger, writer):
         save_checkpoint({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "weights": weights.state_dict(), "targets": targets.cpu(), "early_stopping": early.state_dict(),
                          "best": best, "best_files": best_files, "rng": rng_state(), "stopped": stop,
+                         "last_val": last_val, "last_test": last_test,
                          "config": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))},
                          "num_classes": num_classes}, run_dir / "last.pt")
         if stop:

@@ -20,7 +20,8 @@ def exit_on_user_error(func):
         try:
             return func(*args, **kwargs)
         except UserError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            message = " ".join(str(exc).split())  # one line, even when a library's text had newlines
+            print(f"error: {message}", file=sys.stderr)
             raise SystemExit(EXIT_USER_ERROR) from None
 
     return wrapper

@@ -37,6 +37,9 @@ def setup_run_logger(name, log_file, console=True):
     if console:
         console_handler = _TqdmConsoleHandler(sys.stderr)
         console_handler.setFormatter(logging.Formatter("%(message)s"))
+        # records logged with extra={"file_only": True} (an error the entry point prints
+        # itself) go to the log file only, so the terminal shows them once
+        console_handler.addFilter(lambda record: not getattr(record, "file_only", False))
         logger.addHandler(console_handler)
     return logger
 
