@@ -616,6 +616,7 @@ def test_missing_pretrained_weights_fails_and_the_corrected_command_runs(ana_arg
     missing = tmp_path / "no_such_weights.pth"
     lines = _expect_user_error(capsys, ana_args("--epoch", "1", "--pretrained", "--pretrainedWeights", str(missing)))
     _assert_mid_run_error(lines, str(missing))
+    assert not (tmp_path / "run").exists()  # failed before writing anything: no empty run directory
     assert main.main(ana_args("--epoch", "1"))["best"]  # the failed start did not "hold" the directory
 
 

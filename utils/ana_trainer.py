@@ -163,12 +163,15 @@ def run(args, cfg):
     if not args.loadModel and started:
         raise UserError(f"run directory {run_dir} already holds a run; pass --loadModel to resume it "
                         f"or choose another --pathModelParams")
+    # the model (and its pretrained weights) before anything is written: fail fast
+    seed_everything(args.seed, args.deterministic)
+    model = build_resnet_classifier(args.arch, num_classes, args.pretrained, args.pretrainedWeights)
     run_dir.mkdir(parents=True, exist_ok=True)
     logger = setup_run_logger(str(run_dir.resolve()), run_dir / "output.txt")
     writer = None
     try:
         writer = make_summary_writer(run_dir)
-        return _train(args, cfg, device, tiles, num_classes, run_dir, logger, writer)
+        return _train(args, cfg, device, model.to(device), tiles, num_classes, run_dir, logger, writer)
     except UserError as exc:
         logger.error("error: " + " ".join(str(exc).split()), extra={"file_only": True})
         raise
@@ -178,18 +181,16 @@ def run(args, cfg):
         close_run_logger(logger)
 
 
-def _train(args, cfg, device, tiles, num_classes, run_dir, logger, writer):
+def _train(args, cfg, device, model, tiles, num_classes, run_dir, logger, writer):
     logger.info(f"git {git_revision()} | device {device} | torch {torch.__version__}")
     logger.info("args " + json.dumps(dict(sorted(vars(args).items())), default=str))
     if not args.loadModel:  # a resume keeps the original run's arguments (output.txt logs the new ones)
         atomic_write(run_dir / "args.json", lambda f: json.dump(vars(args), f, indent=2, default=str), mode="w")
     for split, ts in tiles.items():
         logger.info(f"{split}: {describe(ts)}")
-    seed_everything(args.seed, args.deterministic)
 
     caches = {split: build_tile_cache(ts, args.imageSize, args.cacheDir, args.numWorkers, desc=split)
               for split, ts in tiles.items()}
-    model = build_resnet_classifier(args.arch, num_classes, args.pretrained, args.pretrainedWeights).to(device)
     logger.info(f"model {args.arch}, {num_classes} classes, "
                 + ("ImageNet-pretrained" if args.pretrained else "random initialisation (--no-pretrained)"))
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weightDecay)
