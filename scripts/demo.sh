@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Quick start 1: set up, generate the demo data, and train the full self-paced model on it.
-# CPU-sized settings (ResNet-18, 96 px tiles, 5 epochs, random init since this machine may be
+# CPU-sized settings (ResNet-18, 96 px tiles, 12 epochs, random init since this machine may be
 # offline); a GPU run would drop --arch/--imageSize/--epoch and use the config.py defaults.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,5 +9,5 @@ bash scripts/setup.sh requirements.txt
 rm -rf checkpoints/demo_ana   # the demo's own run directory: start it afresh each time
 .venv/bin/python main.py --saveModel --lr 1e-3 --weight_lr 1e-3 --initWeight iw-sample --updateLR ulr-adaptive \
   --granularity label --sampling --trainingLabel pseudo \
-  --arch resnet18 --imageSize 96 --epoch 5 --no-pretrained --pathModelParams checkpoints/demo_ana "$@"
+  --arch resnet18 --imageSize 96 --epoch 12 --no-pretrained --pathModelParams checkpoints/demo_ana "$@"
 echo "demo done: see checkpoints/demo_ana/output.txt and results.json (tensorboard --logdir checkpoints)"
