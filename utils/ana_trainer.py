@@ -280,11 +280,12 @@ def _train(args, cfg, device, model, tiles, num_classes, run_dir, logger, writer
         writer.add_scalar("train/weight_lr", args.weight_lr, epoch)
         _log_scalars(writer, "val", last_val, epoch)
         _log_scalars(writer, "weights", wstats, epoch)
-        writer.add_scalar("sampler/entropy", sampling_entropy(s) if args.sampling else 1.0, epoch)
+        entropy = sampling_entropy(s) if args.sampling else 1.0  # 1 = uniform (shuffling)
+        writer.add_scalar("sampler/entropy", entropy, epoch)
         writer.add_histogram("weights/alpha", weights.alpha[tile_labels > 0] if weights.alpha.dim() == 2
                              else weights.alpha, epoch)
         logger.info(f"epoch {epoch} | weights mean {wstats['mean']:.4f} dropped {wstats['dropped_fraction']:.3f}"
-                    + (f" | sampler entropy {sampling_entropy(s):.3f}" if args.sampling else ""))
+                    + (f" | sampler entropy {entropy:.3f}" if args.sampling else ""))
 
         save_checkpoint({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "weights": weights.state_dict(), "targets": targets.cpu(), "early_stopping": early.state_dict(),
