@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from datasets.synthetic_ana import generate_ana_demo
+from utils.errors import UserError, exit_on_user_error
 
 MARKER_FORMAT = 1  # bump when the generator's output changes, so old demos get rebuilt
 
@@ -48,9 +48,8 @@ def _make_ana(args: argparse.Namespace) -> Path:
     record = {"format": MARKER_FORMAT, **gen_args}
     if csv_path.exists() and not args.force:
         if not marker.exists():
-            print(f"make_demo_data: {csv_path} exists and was not written by this script; "
-                  f"use --force to overwrite it or choose another --out", file=sys.stderr)
-            raise SystemExit(2)
+            raise UserError(f"{csv_path} exists and was not written by make_demo_data.py; "
+                            f"use --force to overwrite it or choose another --out")
         try:
             same = json.loads(marker.read_text()) == record
         except (OSError, ValueError):
@@ -70,6 +69,7 @@ def _make_ana(args: argparse.Namespace) -> Path:
 FAMILIES = {"ana": _make_ana}  # name -> writer(args) returning its annotation CSV
 
 
+@exit_on_user_error
 def main(argv=None) -> Path:
     """Write the chosen demo families; returns the CSV path of the first one written."""
     args = build_parser().parse_args(argv)
@@ -77,8 +77,7 @@ def main(argv=None) -> Path:
     try:
         paths = [FAMILIES[name](args) for name in names]
     except ValueError as e:  # bad sizes: a one-line message, not a traceback
-        print(f"make_demo_data: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise UserError(str(e)) from None
     return paths[0]
 
 
