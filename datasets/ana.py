@@ -119,13 +119,12 @@ def build_tileset(df, split, image_dir, num_classes, tile_size, bag_column=None,
     image_dir = Path(image_dir)
     paths = [str(image_dir / p) for p in rows["path"]]
     if bag_column:  # pre-tiled: one instance per row, bags from the named column
-        bag_names = rows[bag_column].astype(str)
-        bags = rows.groupby(bag_names, sort=False).first().reset_index(names="bag")
-        for bag, group in rows.groupby(bag_names, sort=False):
-            if len({tuple(x) for x in group["labels"]}) > 1:
-                raise UserError(f"{csv_path}: the tiles of bag {bag!r} have different TARGETs; a bag has one label set")
-        bag_index = {b: i for i, b in enumerate(bags["bag"])}
-        tile_bag = [bag_index[b] for b in bag_names]
+        tile_bag, bag_names = pd.factorize(rows[bag_column].astype(str))
+        label_sets = rows["labels"].map(tuple).groupby(tile_bag).nunique()
+        if (label_sets > 1).any():
+            bag = bag_names[label_sets.index[label_sets > 1][0]]
+            raise UserError(f"{csv_path}: the tiles of bag {bag!r} have different TARGETs; a bag has one label set")
+        bags = rows.groupby(tile_bag).first().assign(bag=list(bag_names)).reset_index(drop=True)
         for p in paths:
             _image_size(p)
         boxes = np.full((len(paths), 4), -1, dtype=np.int64)
@@ -185,13 +184,13 @@ def build_tile_cache(tiles, image_size, cache_dir, num_workers=0, desc="tiles"):
     path = cache_dir / tile_cache_key(tiles, image_size)
     if path.is_file():
         return path
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(tiles), image_size, image_size, 3))
     order = {}
     for i, p in enumerate(tiles.image_paths):
         order.setdefault(p, []).append(i)
     jobs = list(order.items())
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
     try:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(tiles), image_size, image_size, 3))
         with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
             results = pool.map(lambda job: (job[1], _decode_tiles(job[0], tiles.boxes[job[1]], image_size)), jobs)
             for idx, decoded in progress(results, desc=f"caching {desc}", total=len(jobs)):
@@ -214,11 +213,10 @@ class CachedTileDataset(torch.utils.data.Dataset):
     process, so DataLoader workers share the page cache instead of copying the array.
     """
 
-    def __init__(self, cache_path, indices=None):
+    def __init__(self, cache_path):
         self.cache_path = str(cache_path)
         self._arr = None
-        n = len(np.load(self.cache_path, mmap_mode="r"))
-        self.indices = np.arange(n) if indices is None else np.asarray(indices)
+        self._len = len(np.load(self.cache_path, mmap_mode="r"))
 
     def _array(self):
         if self._arr is None:
@@ -229,10 +227,9 @@ class CachedTileDataset(torch.utils.data.Dataset):
         return {**self.__dict__, "_arr": None}
 
     def __len__(self):
-        return len(self.indices)
+        return self._len
 
-    def __getitem__(self, i):
-        idx = int(self.indices[i])
+    def __getitem__(self, idx):
         tile = torch.from_numpy(np.array(self._array()[idx])).permute(2, 0, 1)  # copy out of the map
         return tile, idx
 

@@ -5,7 +5,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-import torch.nn as nn
 import torchvision
 
 from utils.errors import UserError
@@ -60,13 +59,11 @@ def load_imagenet_state_dict(arch, weights_file=None):
     return weights.get_state_dict(progress=False)
 
 
-def build_resnet_classifier(arch, num_classes, pretrained=False, weights_file=None, in_channels=3):
+def build_resnet_classifier(arch, num_classes, pretrained=False, weights_file=None):
     """A torchvision ResNet whose ``fc`` is ``Linear(features, num_classes)`` (one logit per class).
 
     The model's ``state_dict`` is therefore loadable into ``torchvision.models.<arch>()`` with
     the same replaced ``fc``, which is the checkpoint format the ANA README promises.
-    With ``in_channels != 3`` the first convolution is replaced (pretrained RGB filters are
-    summed over colour, the usual trick for grey images).
     """
     if arch not in RESNETS:
         raise UserError(f"--arch {arch!r} is not supported (expected one of {', '.join(RESNETS)})")
@@ -77,11 +74,5 @@ def build_resnet_classifier(arch, num_classes, pretrained=False, weights_file=No
         missing, unexpected = model.load_state_dict(state, strict=False)
         if set(missing) - {"fc.weight", "fc.bias"} or unexpected:
             raise UserError(f"pretrained weights do not fit {arch}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    if in_channels != 3:
-        old = model.conv1
-        model.conv1 = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
-        if pretrained:
-            with torch.no_grad():
-                model.conv1.weight.copy_(old.weight.sum(dim=1, keepdim=True).repeat(1, in_channels, 1, 1) / in_channels)
-    model.fc = nn.Linear(model.fc.in_features, num_classes)
+    model.fc = torch.nn.Linear(model.fc.in_features, num_classes)
     return model

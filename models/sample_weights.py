@@ -130,10 +130,6 @@ class InstanceWeights:
         self.lr_scale = torch.ones(len(self.alpha))
         self.reset_state()
 
-    @property
-    def device(self):
-        return self.alpha.device
-
     def to(self, device):
         for name in ("alpha", "lr_scale", "exp_avg", "exp_avg_sq", "steps"):
             setattr(self, name, getattr(self, name).to(device))
@@ -181,7 +177,7 @@ class InstanceWeights:
 
     def state_dict(self):
         return {"alpha": self.alpha.cpu(), "exp_avg": self.exp_avg.cpu(), "exp_avg_sq": self.exp_avg_sq.cpu(),
-                "steps": self.steps.cpu(), "lr_scale": self.lr_scale.cpu(), "lr": self.lr}
+                "steps": self.steps.cpu(), "lr_scale": self.lr_scale.cpu()}
 
     def load_state_dict(self, state):
         device = self.alpha.device

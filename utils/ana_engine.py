@@ -1,4 +1,5 @@
 """One ANA training epoch and the tile/bag evaluations. Each returns plain numbers or tensors."""
+import math
 import time
 
 import torch
@@ -41,39 +42,36 @@ def train_one_epoch(model, loader, optimizer, weights, tile_labels, targets, pre
     model.train()
     device = preprocess.device
     total_loss, n_images, n_steps, skipped = 0.0, 0, 0, 0
-    t_data = t_compute = 0.0
-    tic = time.perf_counter()
+    t_data = 0.0
+    start = tic = time.perf_counter()
     for x, idx in progress(loader, desc=desc):
         idx = idx.to(device, non_blocking=True)
         x = preprocess(x, train=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t_data += time.perf_counter() - tic
-        tic = time.perf_counter()
         alpha = weights.gather(idx)
         target = make_targets(tile_labels[idx], alpha, training_label)
-        if not torch.any(target > 0):
+        if torch.any(target > 0):
+            targets[idx] = target
+            loss = weighted_bce_loss(model(x), target, alpha, granularity)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            loss_value = loss.item()  # the step's one host sync
+            if not math.isfinite(loss_value):
+                raise UserError(f"the training loss became {loss_value} at step {n_steps}; lower --lr / --weight_lr")
+            optimizer.step()
+            weights.step(idx, alpha.grad)
+            total_loss += loss_value
+            n_images += len(idx)
+            n_steps += 1
+        else:
             skipped += 1
-            t_compute += time.perf_counter() - tic
-            tic = time.perf_counter()
-            continue
-        targets[idx] = target
-        logits = model(x)
-        loss = weighted_bce_loss(logits, target, alpha, granularity)
-        if not torch.isfinite(loss):
-            raise UserError(f"the training loss became {loss.item()} at step {n_steps}; lower --lr / --weight_lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        weights.step(idx, alpha.grad)
-        total_loss += loss.item()
-        n_images += len(idx)
-        n_steps += 1
-        t_compute += time.perf_counter() - tic
         tic = time.perf_counter()
+    elapsed = time.perf_counter() - start
     return {"loss": total_loss / max(n_images, 1), "images": n_images, "steps": n_steps,
-            "skipped_batches": skipped, "time_data": t_data, "time_compute": t_compute,
-            "images_per_s": n_images / max(t_data + t_compute, 1e-9)}
+            "skipped_batches": skipped, "time_data": t_data, "time_compute": elapsed - t_data,
+            "images_per_s": n_images / max(elapsed, 1e-9)}
 
 
 @torch.no_grad()

@@ -6,7 +6,6 @@ train / validate (tiles) / test (bags, on each new best) -> output files.
 """
 import argparse
 import json
-import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -23,7 +22,7 @@ from utils.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from utils.device import resolve_device
 from utils.early_stopping import EarlyStopping
 from utils.errors import UserError
-from utils.logger import close_run_logger, make_summary_writer, setup_run_logger
+from utils.logger import close_run_logger, git_revision, make_summary_writer, setup_run_logger
 from utils.metrics import best_improved, format_metrics, multilabel_metrics
 from utils.results import ResultsFile
 from utils.seed import rng_state, seed_everything, seed_worker, set_rng_state
@@ -94,15 +93,6 @@ def default_run_name(args, cfg):
     return Path(cfg.PATH_MODEL_ROOT) / name
 
 
-def git_revision():
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def _check_args(args):
     for name in ("lr", "weight_lr", "weightDecay", "numWorkers", "numClasses", "patience"):
         value = getattr(args, name)
@@ -113,7 +103,7 @@ def _check_args(args):
             raise UserError(f"--{name} {getattr(args, name)} must be >= 1")
 
 
-def load_splits(args, cfg, single_label=False, log=print):
+def load_splits(args, cfg):
     """Read and validate the annotations and plan the tiles of each split (decodes nothing)."""
     ann_train = Path(args.annFile or cfg.PATH_TRAIN_ANNFILE)
     ann_test = Path(args.annFile or cfg.PATH_TEST_ANNFILE)

@@ -4,7 +4,9 @@ Everything the terminal shows (apart from progress bars) is also appended to the
 file (``output.txt`` for ANA), so the file is the complete record of a run.
 """
 import logging
+import subprocess
 import sys
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
@@ -55,6 +57,16 @@ def progress(iterable, desc, total=None, leave=False):
     """A tqdm bar on stderr that switches itself off when stderr is not a terminal."""
     return tqdm(iterable, desc=desc, total=total, leave=leave, file=sys.stderr,
                 disable=not sys.stderr.isatty(), dynamic_ncols=True)
+
+
+def git_revision():
+    """Short SHA of the code's git checkout (logged at the start of a run), or ``unknown``."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def make_summary_writer(log_dir):
