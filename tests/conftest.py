@@ -9,6 +9,14 @@ from datasets.synthetic_ana import generate_ana_demo
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def cpu_argv(data, run_dir, cache, *extra):
+    """CPU-sized ``main.py`` argv for a tiny dataset in ``data`` (4 classes, 128 px tiles)."""
+    return ["--annFile", str(data / "annotations.csv"), "--imageDir", str(data / "images"),
+            "--numClasses", "4", "--arch", "resnet18", "--imageSize", "32", "--tileSize", "128",
+            "--no-pretrained", "--numWorkers", "0", "--trainBatchSize", "8", "--testBatchSize", "16",
+            "--cacheDir", str(cache), "--pathModelParams", str(run_dir), *extra]
+
+
 @pytest.fixture(scope="session")
 def tiny_ana_master(tmp_path_factory):
     """A tiny MIML dataset (4 classes, 128 px tiles, 2x2 tiles per image), generated once."""
@@ -31,9 +39,6 @@ def ana_args(tiny_ana, tmp_path):
     """Build CPU-sized ``main.py`` argv for the tiny dataset; extra flags are appended."""
 
     def make(*extra, run="run"):
-        return ["--annFile", str(tiny_ana / "annotations.csv"), "--imageDir", str(tiny_ana / "images"),
-                "--numClasses", "4", "--arch", "resnet18", "--imageSize", "32", "--tileSize", "128",
-                "--no-pretrained", "--numWorkers", "0", "--trainBatchSize", "8", "--testBatchSize", "16",
-                "--cacheDir", str(tmp_path / "cache"), "--pathModelParams", str(tmp_path / run), *extra]
+        return cpu_argv(tiny_ana, tmp_path / run, tmp_path / "cache", *extra)
 
     return make

@@ -32,6 +32,7 @@ from PIL import Image
 
 import config
 import main
+from conftest import cpu_argv
 from utils.ana_trainer import load_splits
 from utils.metrics import multilabel_metrics
 
@@ -48,14 +49,6 @@ NUM_CLASSES = 4  # the tiny dataset of conftest.py
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-def _cpu_argv(data, run_dir, cache, *extra):
-    """Same CPU-sized argv as conftest's ``ana_args``, for the module-scoped runs below."""
-    return ["--annFile", str(data / "annotations.csv"), "--imageDir", str(data / "images"),
-            "--numClasses", str(NUM_CLASSES), "--arch", "resnet18", "--imageSize", "32", "--tileSize", "128",
-            "--no-pretrained", "--numWorkers", "0", "--trainBatchSize", "8", "--testBatchSize", "16",
-            "--cacheDir", str(cache), "--pathModelParams", str(run_dir), *extra]
-
 
 def _read_csv(path):
     return pd.read_csv(path, dtype=str, keep_default_na=False)
@@ -156,7 +149,7 @@ def module_dirs(tmp_path_factory):
 def full_run(tiny_ana_master, module_dirs):
     """One 2-epoch run of the full model with --saveModel, shared by the output-file tests."""
     run_dir = module_dirs / "full"
-    result = main.main(_cpu_argv(tiny_ana_master, run_dir, module_dirs / "cache",
+    result = main.main(cpu_argv(tiny_ana_master, run_dir, module_dirs / "cache",
                                  "--saveModel", *FULL_MODEL, "--epoch", "2"))
     records = json.loads((run_dir / "results.json").read_text())
     return {"result": result, "run_dir": run_dir, "data": tiny_ana_master, "records": records,
@@ -167,7 +160,7 @@ def full_run(tiny_ana_master, module_dirs):
 def existing_run(tiny_ana_master, module_dirs):
     """A finished 1-epoch run (default flags): the 'something already written' of the error tests."""
     run_dir = module_dirs / "existing"
-    result = main.main(_cpu_argv(tiny_ana_master, run_dir, module_dirs / "cache", "--epoch", "1"))
+    result = main.main(cpu_argv(tiny_ana_master, run_dir, module_dirs / "cache", "--epoch", "1"))
     return {"run_dir": run_dir, "result": result}
 
 
