@@ -49,7 +49,8 @@ def read_annotations(csv_path, num_classes=None, bag_column=None):
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
-        raise UserError(f"annotation file {csv_path} does not exist (set PATH_TRAIN_ANNFILE in config.py or --annFile)")
+        problem = "is a directory, expected a CSV file" if csv_path.is_dir() else "does not exist"
+        raise UserError(f"annotation file {csv_path} {problem} (set PATH_TRAIN_ANNFILE in config.py or --annFile)")
     try:
         df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     except Exception as exc:
@@ -180,7 +181,10 @@ def build_tile_cache(tiles, image_size, cache_dir, num_workers=0, desc="tiles"):
     under a temporary name and renamed when complete, so an interrupted build leaves nothing.
     """
     cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"tile cache directory {cache_dir} cannot be created ({exc.strerror}); set --cacheDir") from None
     path = cache_dir / tile_cache_key(tiles, image_size)
     if path.is_file():
         return path

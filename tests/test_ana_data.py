@@ -120,3 +120,13 @@ def test_early_stopping_counts_epochs_without_improvement():
     assert [stopper.step(x) for x in (True, False, False, True, False, False, False, False)] == \
         [False, False, False, False, False, False, False, True]
     assert not any(EarlyStopping(0).step(False) for _ in range(10))  # 0 = never stop
+
+
+def test_cache_dir_that_is_a_file_and_csv_that_is_a_directory(tmp_path):
+    csv = _write_images(tmp_path, [(64, 64)])
+    df, c = read_annotations(csv, 3)
+    tiles = build_tileset(df, "train", tmp_path / "img", c, tile_size=32)
+    with pytest.raises(UserError, match=f"tile cache directory {csv} cannot be created"):
+        build_tile_cache(tiles, 16, csv)
+    with pytest.raises(UserError, match="is a directory, expected a CSV file"):
+        read_annotations(tmp_path / "img", 3)
