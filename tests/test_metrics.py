@@ -199,3 +199,47 @@ def test_format_metrics():
     assert float(line.split()[1]) == pytest.approx(real["f1_mi"], abs=5e-5)
     with pytest.raises(KeyError):
         format_metrics(m, keys=("f1_micro",))
+
+
+# ------------------------------------------------------------------------- binary metrics
+
+def test_binary_metrics_match_sklearn():
+    from utils.metrics import binary_metrics
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 200)
+    score = np.clip(0.35 * y + rng.random(200) * 0.7, 0, 1)
+    m = binary_metrics(y, score, threshold=0.6)
+    pred = score >= 0.6
+    assert m["auc"] == pytest.approx(skm.roc_auc_score(y, score))
+    assert m["ap"] == pytest.approx(skm.average_precision_score(y, score))
+    assert m["precision"] == pytest.approx(skm.precision_score(y, pred))
+    assert m["recall"] == pytest.approx(skm.recall_score(y, pred))
+    assert m["f1"] == pytest.approx(skm.f1_score(y, pred))
+    assert (m["threshold"], m["n_samples"], m["n_positive"]) == (0.6, 200, int(y.sum()))
+    # best F1 over every candidate threshold, by brute force
+    f1s = {t: skm.f1_score(y, score >= t) for t in np.unique(score)}
+    best_t = max(f1s, key=f1s.get)
+    assert m["best_f1"] == pytest.approx(f1s[best_t])
+    assert skm.f1_score(y, score >= m["best_f1_threshold"]) == pytest.approx(m["best_f1"])
+
+
+def test_binary_metrics_single_class_gives_nan_auc():
+    from utils.metrics import binary_metrics
+
+    m = binary_metrics([0, 0, 0], [0.1, 0.7, 0.2])
+    assert np.isnan(m["auc"]) and np.isnan(m["ap"]) and np.isnan(m["best_f1"])
+    assert m["precision"] == 0.0 and m["recall"] == 0.0
+    m = binary_metrics([1, 1], [0.9, 0.2])
+    assert np.isnan(m["auc"]) and m["ap"] == pytest.approx(1.0) and m["recall"] == 0.5
+
+
+def test_binary_metrics_reject_bad_input():
+    from utils.metrics import binary_metrics
+
+    with pytest.raises(ValueError, match="only 0/1"):
+        binary_metrics([0, 2], [0.1, 0.2])
+    with pytest.raises(ValueError, match="same length"):
+        binary_metrics([0, 1], [0.1])
+    with pytest.raises(ValueError, match="finite"):
+        binary_metrics([0, 1], [0.1, float("nan")])

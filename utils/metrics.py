@@ -1,8 +1,8 @@
 """Evaluation metrics with scikit-learn semantics, returned as plain (JSON-ready) Python types.
 
 Sections: input helpers, multi-label metrics (the paper's F1mi/F1ma/Acc/mAP/"Overall" plus the
-MIML ranking metrics), and log/checkpoint helpers. Binary and single-label metrics belong here
-too, each in its own section.
+MIML ranking metrics), single-label metrics (main_single.py), binary metrics (CryoEM), and
+log/checkpoint helpers.
 """
 import math
 import warnings
@@ -126,6 +126,88 @@ def multilabel_metrics(y_true, y_score, threshold=0.5, class_names=None):
     if class_names is not None:
         m["per_class"] = {str(name): {"acc": acc, "ap": ap}
                           for name, acc, ap in zip(class_names, per_class_acc, per_class_ap)}
+    return m
+
+
+# ---------------------------------------------------------------------- single-label metrics
+
+def singlelabel_metrics(y_true, y_score, threshold=0.5, class_names=None):
+    """The multi-label metrics plus single-label ones, for rows with exactly one true label.
+
+    Adds to :func:`multilabel_metrics`:
+
+    - ``top1_acc``: fraction of samples whose highest score is their label
+      (``accuracy_score`` of the label index vs ``argmax``; ties go to the first index).
+    - ``balanced_acc``: mean recall over the classes present in ``y_true``
+      (``balanced_accuracy_score``).
+    - ``confusion_matrix``: ``C x C`` counts, rows = true class, columns = top-1 prediction
+      (``confusion_matrix`` with ``labels=range(C)``, so absent classes keep their row).
+
+    Raises ValueError when a row of ``y_true`` does not hold exactly one label.
+    """
+    m = multilabel_metrics(y_true, y_score, threshold, class_names)
+    y_true, y_score = _check_multilabel(y_true, y_score)
+    counts = y_true.sum(axis=1)
+    if (counts != 1).any():
+        row = int(np.flatnonzero(counts != 1)[0])
+        raise ValueError(f"expected exactly one label per row for single-label metrics, "
+                         f"row {row} has {int(counts[row])}")
+    true_idx = y_true.argmax(axis=1)
+    pred_idx = y_score.argmax(axis=1)
+    n_classes = y_true.shape[1]
+    m["top1_acc"] = float(skm.accuracy_score(true_idx, pred_idx))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # predictions of classes absent from y_true
+        m["balanced_acc"] = float(skm.balanced_accuracy_score(true_idx, pred_idx))
+    m["confusion_matrix"] = skm.confusion_matrix(true_idx, pred_idx, labels=list(range(n_classes))).tolist()
+    return m
+
+
+# --------------------------------------------------------------------------- binary metrics
+
+def binary_metrics(y_true, y_score, threshold=0.5):
+    """Binary classification metrics of scores (probabilities) against 0/1 labels.
+
+    Keys (plain floats; NaN when undefined, e.g. AUC with a single class in ``y_true``):
+
+    - ``auc``: ``roc_auc_score``; ``ap``: ``average_precision_score``.
+    - ``precision``, ``recall``, ``f1`` of ``y_score >= threshold`` (``zero_division=0``).
+    - ``best_f1`` and ``best_f1_threshold``: the largest F1 over the thresholds of
+      ``precision_recall_curve`` (predict positive when the score is >= that threshold).
+    - ``threshold``, ``n_samples``, ``n_positive``.
+    """
+    y_true, y_score = _to_numpy(y_true).reshape(-1), _to_numpy(y_score).reshape(-1)
+    if y_true.shape != y_score.shape or y_true.size == 0:
+        raise ValueError(f"expected non-empty 1-D y_true and y_score of the same length, "
+                         f"got {y_true.shape} and {y_score.shape}")
+    if not np.isin(y_true, (0, 1)).all():
+        raise ValueError("expected y_true to contain only 0/1")
+    if not np.isfinite(y_score).all():
+        raise ValueError("expected y_score to hold finite numbers")
+    y_true = y_true.astype(np.int64)
+    y_score = y_score.astype(np.float64)
+    y_pred = (y_score >= threshold).astype(np.int64)
+    both = 0 < y_true.sum() < y_true.size
+    nan = float("nan")
+    m = {
+        "auc": float(skm.roc_auc_score(y_true, y_score)) if both else nan,
+        "ap": float(skm.average_precision_score(y_true, y_score)) if y_true.any() else nan,
+        "precision": float(skm.precision_score(y_true, y_pred, zero_division=0)),
+        "recall": float(skm.recall_score(y_true, y_pred, zero_division=0)),
+        "f1": float(skm.f1_score(y_true, y_pred, zero_division=0)),
+        "threshold": float(threshold),
+    }
+    if y_true.any():
+        prec, rec, thr = skm.precision_recall_curve(y_true, y_score)
+        prec, rec = prec[:-1], rec[:-1]  # the last point (recall 0) has no threshold
+        denom = prec + rec
+        f1 = np.divide(2 * prec * rec, denom, out=np.zeros_like(denom), where=denom > 0)
+        best = int(np.argmax(f1))
+        m["best_f1"], m["best_f1_threshold"] = float(f1[best]), float(thr[best])
+    else:
+        m["best_f1"], m["best_f1_threshold"] = nan, nan
+    m["n_samples"] = int(y_true.size)
+    m["n_positive"] = int(y_true.sum())
     return m
 
 
