@@ -30,6 +30,16 @@ TEST_BATCH_SIZE = 64
 WEIGHT_DECAY = 0.0
 PATIENCE = 4            # stop after this many epochs without any metric improving (0 = never)
 
+# Method defaults (the seed README's; the recommended full model is
+# --initWeight iw-sample --updateLR ulr-adaptive --granularity label --sampling --trainingLabel pseudo).
+INIT_WEIGHT = "iw-ones"
+UPDATE_LR = "ulr-ones"
+TRAINING_LABEL = "real"
+GRANULARITY = "label"
+SAMPLING = False
+RESAMPLE_EVERY = 1      # epochs between recomputing the weighted sampler's probabilities
+SINGLE_LABEL = False    # main_single.py's config sets True: keep only rows with exactly one label
+
 # Where things go.
 PATH_MODEL_ROOT = "./checkpoints"   # default run directory: PATH_MODEL_ROOT/<name from hyperparameters>
 RUN_PREFIX = "ana"

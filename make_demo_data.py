@@ -1,12 +1,14 @@
 """Write small synthetic demo datasets so the training scripts run without private data.
 
-    python make_demo_data.py                  # ./data/images/*.png + ./data/annotations.csv
-    python make_demo_data.py --out /tmp/ana --nTrain 16 --tileSize 128
+    python make_demo_data.py                  # every family below, under ./data
+    python make_demo_data.py --family ana --out /tmp/ana --nTrain 16 --tileSize 128
 
-The ANA family goes where config.py looks by default (DIR_TRAIN_IMAGES='./data/images/',
-PATH_TRAIN_ANNFILE='./data/annotations.csv'). A marker file ``<out>/.ana_demo`` records the
-generator arguments: a second run with the same arguments returns at once, and a foreign
-annotations.csv (no marker) is never overwritten without ``--force``.
+Families and where they go (where the configs look by default):
+  ana         <out>/images/*.png + <out>/annotations.csv   (config.py, multi-label)
+  ana_single  <out>/ana_single/...                          (config_single.py, one label each)
+A marker file (``.ana_demo``) in each folder records the generator arguments: a second run
+with the same arguments returns at once, and a foreign annotations.csv (no marker) is never
+overwritten without ``--force``.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ MARKER_FORMAT = 1  # bump when the generator's output changes, so old demos get 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--family", choices=["ana", "all"], default="all",
+    p.add_argument("--family", choices=["ana", "ana_single", "all"], default="all",
                    help="which demo dataset(s) to write (default: all)")
     p.add_argument("--out", default="./data", help="output directory (default: ./data)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -38,13 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _make_ana(args: argparse.Namespace) -> Path:
-    """ANA MIML demo: <out>/images/, <out>/annotations.csv and the marker <out>/.ana_demo."""
-    out = Path(args.out)
+def _make_ana(args: argparse.Namespace, out: Path | None = None, max_labels: int | None = None,
+              title: str = "ANA") -> Path:
+    """ANA demo: <out>/images/, <out>/annotations.csv and the marker <out>/.ana_demo."""
+    out = Path(args.out) if out is None else out
     csv_path, marker = out / "annotations.csv", out / ".ana_demo"
     gen_args = dict(n_train=args.nTrain, n_val=args.nVal, n_test=args.nTest,
                     tiles_x=args.tilesX, tiles_y=args.tilesY, tile_size=args.tileSize,
                     seed=args.seed)
+    if max_labels is not None:
+        gen_args["max_labels"] = max_labels
     record = {"format": MARKER_FORMAT, **gen_args}
     if csv_path.exists() and not args.force:
         if not marker.exists():
@@ -55,18 +60,23 @@ def _make_ana(args: argparse.Namespace) -> Path:
         except (OSError, ValueError):
             same = False
         if same:
-            print(f"ANA demo data already there: {csv_path} (same arguments; --force rebuilds)")
+            print(f"{title} demo data already there: {csv_path} (same arguments; --force rebuilds)")
             return csv_path
     marker.unlink(missing_ok=True)  # an interrupted run must not look complete
     csv_path = generate_ana_demo(out, **gen_args)
     marker.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     w, h = args.tilesX * args.tileSize, args.tilesY * args.tileSize
-    print(f"Wrote ANA demo: {args.nTrain} train / {args.nVal} val / {args.nTest} test images "
+    print(f"Wrote {title} demo: {args.nTrain} train / {args.nVal} val / {args.nTest} test images "
           f"({w}x{h} px, {args.tilesX}x{args.tilesY} tiles) -> {csv_path}")
     return csv_path
 
 
-FAMILIES = {"ana": _make_ana}  # name -> writer(args) returning its annotation CSV
+def _make_ana_single(args: argparse.Namespace) -> Path:
+    """Single-label ANA demo (one pattern per image) in <out>/ana_single/, for main_single.py."""
+    return _make_ana(args, Path(args.out) / "ana_single", max_labels=1, title="single-label ANA")
+
+
+FAMILIES = {"ana": _make_ana, "ana_single": _make_ana_single}  # name -> writer(args) returning its data path
 
 
 @exit_on_user_error
@@ -74,10 +84,12 @@ def main(argv=None) -> Path:
     """Write the chosen demo families; returns the CSV path of the first one written."""
     args = build_parser().parse_args(argv)
     names = list(FAMILIES) if args.family == "all" else [args.family]
-    try:
-        paths = [FAMILIES[name](args) for name in names]
-    except ValueError as e:  # bad sizes: a one-line message, not a traceback
-        raise UserError(str(e)) from None
+    paths = []
+    for name in names:
+        try:
+            paths.append(FAMILIES[name](args))
+        except ValueError as e:  # bad sizes: a one-line message, not a traceback
+            raise UserError(f"--family {name}: {e}") from None
     return paths[0]
 
 

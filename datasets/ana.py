@@ -112,11 +112,15 @@ def _image_size(path):
         raise UserError(f"image {path} cannot be read as an image ({exc})") from None
 
 
-def build_tileset(df, split, image_dir, num_classes, tile_size, bag_column=None, csv_path="annotations"):
-    """Plan the tiles of ``split`` (reads only image headers, decodes nothing)."""
+def build_tileset(df, split, image_dir, num_classes, tile_size, bag_column=None, csv_path="annotations",
+                  what="rows"):
+    """Plan the tiles of ``split`` (reads only image headers, decodes nothing).
+
+    ``what`` names the rows in the error for an empty split (e.g. "single-label rows").
+    """
     rows = df[df["Split"] == split].reset_index(drop=True)
     if rows.empty:
-        raise UserError(f"annotation file {csv_path} has no rows with Split == {split!r}")
+        raise UserError(f"annotation file {csv_path} has no {what} with Split == {split!r}")
     image_dir = Path(image_dir)
     paths = [str(image_dir / p) for p in rows["path"]]
     if bag_column:  # pre-tiled: one instance per row, bags from the named column

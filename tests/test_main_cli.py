@@ -283,7 +283,7 @@ def test_full_run_last_checkpoint(full_run):
     assert targets.shape == (n_tiles, NUM_CLASSES)
 
     # The tile order is the one the code plans; check it against the CSV, then the weights.
-    tiles, _ = load_splits(argparse.Namespace(**args), config)
+    tiles, _, _ = load_splits(argparse.Namespace(**args), config)
     tile_labels = tiles["train"].tile_labels
     expected = np.repeat(_multi_hot(train["TARGET"]), per_image, axis=0)
     assert sorted(map(tuple, tile_labels.int().tolist())) == sorted(map(tuple, expected.tolist()))

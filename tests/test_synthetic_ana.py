@@ -123,7 +123,7 @@ def test_single_tile_and_single_label(tmp_path):
     assert Image.open(tmp_path / "images" / df["path"][0]).size == (48, 48)
 
 
-CLI = ["--nTrain", "3", "--nVal", "3", "--nTest", "3", "--tileSize", "48"]
+CLI = ["--family", "ana", "--nTrain", "3", "--nVal", "3", "--nTest", "3", "--tileSize", "48"]
 
 
 def test_main_writes_marker_and_skips_second_run(tmp_path, capsys):
@@ -162,3 +162,19 @@ def test_main_bad_sizes_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         make_demo_data.main(["--out", str(tmp_path), "--nVal", "1", "--tileSize", "48"])
     assert e.value.code == 2 and "needs at least" in capsys.readouterr().err
+
+
+def test_main_single_label_family(tmp_path, capsys):
+    out = tmp_path / "data"
+    csv = make_demo_data.main(["--out", str(out), "--family", "ana_single", "--nTrain", "8", "--nVal", "8",
+                               "--nTest", "8", "--tileSize", "48"])
+    assert csv == out / "ana_single" / "annotations.csv" and (out / "ana_single" / ".ana_demo").exists()
+    assert not (out / "annotations.csv").exists()  # only the family asked for
+    df = pd.read_csv(csv, dtype=str)
+    assert len(df) == 24 and (df["TARGET"].str.split().map(len) == 1).all()
+    for split in ("train", "val", "test"):  # every class in every split
+        assert set(df.loc[df["Split"] == split, "TARGET"].astype(int)) == set(range(8))
+    with pytest.raises(SystemExit) as e:
+        make_demo_data.main(["--out", str(tmp_path / "x"), "--family", "all", "--nTrain", "3", "--tileSize", "48"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: --family ana_single:") and "needs at least 8" in err

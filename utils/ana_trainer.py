@@ -23,7 +23,8 @@ from utils.device import resolve_device
 from utils.early_stopping import EarlyStopping
 from utils.errors import UserError
 from utils.logger import close_run_logger, git_revision, make_summary_writer, setup_run_logger
-from utils.metrics import best_improved, format_metrics, multilabel_metrics
+from utils.figures import confusion_matrix_image
+from utils.metrics import best_improved, format_metrics, multilabel_metrics, singlelabel_metrics
 from utils.results import ResultsFile
 from utils.seed import rng_state, seed_everything, seed_worker, set_rng_state
 
@@ -47,15 +48,19 @@ def add_arguments(parser, cfg):
     g.add_argument("--resetOptimizer", action="store_true",
                    help="reset the network's Adam state every epoch, as the reference code did (default: off)")
     g = parser.add_argument_group("self-paced method")
-    g.add_argument("--initWeight", choices=INIT_METHODS, default="iw-ones", help="weight initialisation (default: %(default)s)")
-    g.add_argument("--updateLR", choices=LR_METHODS, default="ulr-ones",
+    g.add_argument("--initWeight", choices=INIT_METHODS, default=cfg.INIT_WEIGHT,
+                   help="weight initialisation (default: %(default)s)")
+    g.add_argument("--updateLR", choices=LR_METHODS, default=cfg.UPDATE_LR,
                    help="per-label-combination weight learning rates (default: %(default)s)")
-    g.add_argument("--trainingLabel", choices=TRAINING_LABELS, default="real",
+    g.add_argument("--trainingLabel", choices=TRAINING_LABELS, default=cfg.TRAINING_LABEL,
                    help="targets: bag labels, Bernoulli pseudo-labels, or soft labels (default: %(default)s)")
-    g.add_argument("--granularity", choices=GRANULARITIES, default="label",
+    g.add_argument("--granularity", choices=GRANULARITIES, default=cfg.GRANULARITY,
                    help="one weight per tile and class, or per tile (default: %(default)s)")
-    g.add_argument("--sampling", action=argparse.BooleanOptionalAction, default=False,
-                   help="draw tiles by their weights instead of shuffling (default: off)")
+    g.add_argument("--sampling", action=argparse.BooleanOptionalAction, default=cfg.SAMPLING,
+                   help="draw tiles by their weights instead of shuffling (default: %(default)s)")
+    g.add_argument("--resampleEvery", type=int, default=cfg.RESAMPLE_EVERY,
+                   help="epochs between recomputing the sampler's probabilities from the weights "
+                        "(the reference main_single.py rebuilt its loader every 2nd epoch; default: %(default)s)")
     g = parser.add_argument_group("data and model")
     g.add_argument("--annFile", default=None,
                    help="annotation CSV for train, val and test (default: PATH_TRAIN/TEST_ANNFILE of the config)")
@@ -98,13 +103,29 @@ def _check_args(args):
         value = getattr(args, name)
         if value is not None and value < 0:
             raise UserError(f"--{name} {value} must be >= 0")
-    for name in ("epoch", "trainBatchSize", "testBatchSize", "imageSize", "tileSize"):
+    for name in ("epoch", "trainBatchSize", "testBatchSize", "imageSize", "tileSize", "resampleEvery"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} {getattr(args, name)} must be >= 1")
 
 
+def _keep_single_label(df, csv_path):
+    """Rows of ``df`` with exactly one label, and a log line per split saying what was dropped."""
+    keep = df["labels"].map(len) == 1
+    notes = []
+    for split in ("train", "val", "test"):
+        in_split = df["Split"] == split
+        dropped = int((in_split & ~keep).sum())
+        notes.append(f"{csv_path} {split}: kept {int((in_split & keep).sum())} single-label rows, "
+                     f"dropped {dropped} with more than one label")
+    return df[keep].reset_index(drop=True), notes
+
+
 def load_splits(args, cfg):
-    """Read and validate the annotations and plan the tiles of each split (decodes nothing)."""
+    """Read and validate the annotations and plan the tiles of each split (decodes nothing).
+
+    Returns ``(tiles, num_classes, notes)``: a TileSet per split and lines for the run log.
+    With ``cfg.SINGLE_LABEL`` only rows with exactly one label are kept (main_single.py).
+    """
     ann_train = Path(args.annFile or cfg.PATH_TRAIN_ANNFILE)
     ann_test = Path(args.annFile or cfg.PATH_TEST_ANNFILE)
     dir_train = args.imageDir or cfg.DIR_TRAIN_IMAGES
@@ -112,11 +133,20 @@ def load_splits(args, cfg):
     num_classes = args.numClasses or None
     df_train, num_classes = read_annotations(ann_train, num_classes, args.bagColumn)
     df_test = df_train if ann_test == ann_train else read_annotations(ann_test, num_classes, args.bagColumn)[0]
+    notes = []
+    if cfg.SINGLE_LABEL:
+        df_train, notes = _keep_single_label(df_train, ann_train)
+        if ann_test == ann_train:
+            df_test = df_train
+        else:
+            df_test, test_notes = _keep_single_label(df_test, ann_test)
+            notes = notes[:2] + test_notes[2:]
     tiles = {}
     for split, df, image_dir, csv in (("train", df_train, dir_train, ann_train), ("val", df_train, dir_train, ann_train),
                                       ("test", df_test, dir_test, ann_test)):
-        tiles[split] = build_tileset(df, split, image_dir, num_classes, args.tileSize, args.bagColumn, csv)
-    return tiles, num_classes
+        tiles[split] = build_tileset(df, split, image_dir, num_classes, args.tileSize, args.bagColumn, csv,
+                                     what="single-label rows" if cfg.SINGLE_LABEL else "rows")
+    return tiles, num_classes, notes
 
 
 def _loader(dataset, batch_size, num_workers, device, sampler=None):
@@ -125,11 +155,20 @@ def _loader(dataset, batch_size, num_workers, device, sampler=None):
         pin_memory=device.type == "cuda", persistent_workers=num_workers > 0, worker_init_fn=seed_worker)
 
 
-def _write_predictions(path, tileset, probs, num_classes):
+def _write_predictions(path, tileset, probs, num_classes, single_label):
     frame = pd.DataFrame({"path": tileset.bags["bag"].astype(str), "target": tileset.bags["TARGET"]})
+    if single_label:
+        frame["pred"] = probs.argmax(dim=1).numpy()
     for k in range(num_classes):
         frame[f"prob_{k}"] = probs[:, k].numpy()
     atomic_write(path, lambda f: frame.to_csv(f, index=False), mode="w")
+
+
+def _write_confusion(path, matrix):
+    """``confusion_matrix.csv``: rows ``true_k``, columns ``pred_k`` (counts)."""
+    n = len(matrix)
+    frame = pd.DataFrame(matrix, index=[f"true_{k}" for k in range(n)], columns=[f"pred_{k}" for k in range(n)])
+    atomic_write(path, lambda f: frame.to_csv(f, index_label="class"), mode="w")
 
 
 def _log_scalars(writer, prefix, values, step):
@@ -142,7 +181,7 @@ def run(args, cfg):
     """Train (or resume) one run; return ``{"best": ..., "val": ..., "test": ...}`` metrics."""
     _check_args(args)
     device = resolve_device(args.device)
-    tiles, num_classes = load_splits(args, cfg)
+    tiles, num_classes, notes = load_splits(args, cfg)
     run_dir = Path(args.pathModelParams) if args.pathModelParams else default_run_name(args, cfg)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--pathModelParams {run_dir} is a file, expected a run directory")
@@ -161,6 +200,8 @@ def run(args, cfg):
     writer = None
     try:
         writer = make_summary_writer(run_dir)
+        for note in notes:
+            logger.info(note)
         return _train(args, cfg, device, model.to(device), tiles, num_classes, run_dir, logger, writer)
     except UserError as exc:
         logger.error("error: " + " ".join(str(exc).split()), extra={"file_only": True})
@@ -178,6 +219,12 @@ def _train(args, cfg, device, model, tiles, num_classes, run_dir, logger, writer
         atomic_write(run_dir / "args.json", lambda f: json.dump(vars(args), f, indent=2, default=str), mode="w")
     for split, ts in tiles.items():
         logger.info(f"{split}: {describe(ts)}")
+    single = cfg.SINGLE_LABEL
+    metric_fn = singlelabel_metrics if single else multilabel_metrics
+    log_keys = ("f1_mi", "f1_ma", "acc_total", "mAP", "overall") + (("top1_acc",) if single else ())
+    if args.updateLR == "ulr-adaptive" and bool((tiles["train"].bag_labels.sum(dim=1) <= 1).all()):
+        logger.info("note: every training image has one label, so ulr-adaptive gives every weight learning rate "
+                    "0 and the weights keep their initial values (use --updateLR ulr-ones to let them move)")
 
     caches = {split: build_tile_cache(ts, args.imageSize, args.cacheDir, args.numWorkers, desc=split)
               for split, ts in tiles.items()}
@@ -201,6 +248,7 @@ def _train(args, cfg, device, model, tiles, num_classes, run_dir, logger, writer
     early = EarlyStopping(args.patience)
     best, best_files, start_epoch = {}, {}, 1
     last_val, last_test = {}, {}
+    s = None  # the sampler's probabilities, recomputed every --resampleEvery epochs
     if args.loadModel and not (run_dir / "last.pt").is_file():
         # the previous attempt died during its first epoch, after writing results.json
         results.truncate_after(0)
@@ -218,6 +266,8 @@ def _train(args, cfg, device, model, tiles, num_classes, run_dir, logger, writer
         early.load_state_dict(state["early_stopping"])
         best, best_files = dict(state["best"]), dict(state["best_files"])
         last_val, last_test = dict(state["last_val"]), dict(state["last_test"])
+        s = state.get("sampler_weights")  # absent in checkpoints written before --resampleEvery
+        s = None if s is None else s.to(device)
         set_rng_state(state["rng"])
         start_epoch = state["epoch"] + 1
         results.truncate_after(state["epoch"])
@@ -229,7 +279,8 @@ def _train(args, cfg, device, model, tiles, num_classes, run_dir, logger, writer
             logger.info(f"resumed from {run_dir / 'last.pt'} at epoch {start_epoch}")
 
     for epoch in range(start_epoch, args.epoch + 1):
-        s = sampler_weights(weights.alpha, tile_labels)  # raises when every weight is zero
+        if s is None or (epoch - 1) % args.resampleEvery == 0:
+            s = sampler_weights(weights.alpha, tile_labels)  # raises when every weight is zero
         sampler.set_epoch(epoch)
         sampler.set_weights(s if args.sampling else None)
         weights.reset_state()  # the reference rebuilt its Adam every epoch
@@ -239,19 +290,23 @@ def _train(args, cfg, device, model, tiles, num_classes, run_dir, logger, writer
                                 granularity=args.granularity, training_label=args.trainingLabel,
                                 desc=f"epoch {epoch} train")
         val_probs = predict(model, val_loader, preprocess, desc=f"epoch {epoch} val")
-        last_val = multilabel_metrics(tiles["val"].tile_labels, val_probs)
+        last_val = metric_fn(tiles["val"].tile_labels, val_probs)
         improved = best_improved(best, last_val, keys=tuple(BEST_METRICS))
         logger.info(f"epoch {epoch} | loss {stats['loss']:.4f} | {stats['images_per_s']:.1f} img/s | "
-                    f"skipped {stats['skipped_batches']} | val {format_metrics(last_val)}")
+                    f"skipped {stats['skipped_batches']} | val {format_metrics(last_val, log_keys)}")
         if improved:
             best.update({k: last_val[k] for k in improved})
             test = tiles["test"]
             bag_probs = bag_max(predict(model, test_loader, preprocess, desc=f"epoch {epoch} test"),
                                 test.tile_bag, len(test.bags))
-            last_test = multilabel_metrics(test.bag_labels, bag_probs)
-            _write_predictions(run_dir / "test_predictions.csv", test, bag_probs, num_classes)
+            last_test = metric_fn(test.bag_labels, bag_probs)
+            _write_predictions(run_dir / "test_predictions.csv", test, bag_probs, num_classes, single)
+            if single:
+                _write_confusion(run_dir / "confusion_matrix.csv", last_test["confusion_matrix"])
+                writer.add_image("test/confusion_matrix", confusion_matrix_image(last_test["confusion_matrix"]),
+                                 epoch, dataformats="HWC")
             results.append({"epoch": epoch, "improved": improved, "val_results": last_val, "test_results": last_test})
-            logger.info(f"epoch {epoch} | new best {', '.join(improved)} | test {format_metrics(last_test)}")
+            logger.info(f"epoch {epoch} | new best {', '.join(improved)} | test {format_metrics(last_test, log_keys)}")
             _log_scalars(writer, "test", last_test, epoch)
             if args.saveModel:
                 for key in improved:
@@ -280,6 +335,7 @@ def _train(args, cfg, device, model, tiles, num_classes, run_dir, logger, writer
         save_checkpoint({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "weights": weights.state_dict(), "targets": targets.cpu(), "early_stopping": early.state_dict(),
                          "best": best, "best_files": best_files, "rng": rng_state(), "stopped": stop,
+                         "sampler_weights": s.cpu(),
                          "last_val": last_val, "last_test": last_test,
                          "config": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))},
                          "num_classes": num_classes}, run_dir / "last.pt")

@@ -1,0 +1,31 @@
+"""Self-paced training on single-label ANA images (the seed README's third command).
+
+    python main_single.py --saveModel --lr 1e-3
+
+Same method, flags, outputs and resume as main.py (the shared code in utils/ana_trainer.py);
+defaults come from config_single.py, which keeps only images with exactly one label and sets
+the reference main_single.py's specifics (pseudo-label targets, sampler refreshed every
+second epoch). Adds top-1 accuracy and a confusion matrix (confusion_matrix.csv, TensorBoard).
+"""
+import argparse
+
+import config_single
+from utils.ana_trainer import add_arguments, run
+from utils.errors import exit_on_user_error
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="Self-paced training for single-label ANA images. Defaults from config_single.py.")
+    return add_arguments(parser, config_single)
+
+
+@exit_on_user_error
+def main(argv=None):
+    """Parse ``argv`` (default: sys.argv), train, and return the final metrics dict."""
+    args = build_parser().parse_args(argv)
+    return run(args, config_single)
+
+
+if __name__ == "__main__":
+    main()
