@@ -8,6 +8,12 @@ import torch
 from utils.errors import UserError
 
 
+def _current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path, write_fn, mode="wb"):
     """Write a file through ``write_fn(fileobj)`` so readers never see a half-written file.
 
@@ -18,6 +24,7 @@ def atomic_write(path, write_fn, mode="wb"):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual file mode
         with os.fdopen(fd, mode) as f:
             write_fn(f)
             f.flush()
