@@ -6,9 +6,10 @@
 Families and where they go (where the configs look by default):
   ana         <out>/images/*.png + <out>/annotations.csv   (config.py, multi-label)
   ana_single  <out>/ana_single/...                          (config_single.py, one label each)
-A marker file (``.ana_demo``) in each folder records the generator arguments: a second run
-with the same arguments returns at once, and a foreign annotations.csv (no marker) is never
-overwritten without ``--force``.
+  cryoem      <out>/cryoem/preprocessed_data.pt              (configs/pu_selective_fixmatch.yaml)
+A marker file (``.ana_demo``, ``.cryoem_demo``) in each folder records the generator
+arguments: a second run with the same arguments returns at once, and foreign data (no marker)
+is never overwritten without ``--force``.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import json
 from pathlib import Path
 
 from datasets.synthetic_ana import generate_ana_demo
+from datasets.synthetic_cryoem import generate_cryoem_demo
 from utils.errors import UserError, exit_on_user_error
 
 MARKER_FORMAT = 1  # bump when the generator's output changes, so old demos get rebuilt
@@ -24,7 +26,7 @@ MARKER_FORMAT = 1  # bump when the generator's output changes, so old demos get 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--family", choices=["ana", "ana_single", "all"], default="all",
+    p.add_argument("--family", choices=["ana", "ana_single", "cryoem", "all"], default="all",
                    help="which demo dataset(s) to write (default: all)")
     p.add_argument("--out", default="./data", help="output directory (default: ./data)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -35,6 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tile side in px; the paper tiles at 448 (default: 448)")
     p.add_argument("--tilesX", type=int, default=2, help="tiles per image row (default: 2)")
     p.add_argument("--tilesY", type=int, default=2, help="tiles per image column (default: 2)")
+    p.add_argument("--nPositive", type=int, default=200, help="cryoem: labelled positive patches (default: 200)")
+    p.add_argument("--nUnlabeled", type=int, default=1000,
+                   help="cryoem: unlabelled patches, particles at the prior rate (default: 1000)")
+    p.add_argument("--nEval", type=int, default=200, help="cryoem: labelled val and test patches, each (default: 200)")
+    p.add_argument("--patchSize", type=int, default=64, help="cryoem: patch side in px (default: 64)")
+    p.add_argument("--prior", type=float, default=0.3,
+                   help="cryoem: fraction of particles among the unlabelled patches (default: 0.3)")
+    p.add_argument("--chunkSize", type=int, default=None,
+                   help="cryoem: write chunk_*.pt files of at most this many patches (default: one file)")
     p.add_argument("--force", action="store_true",
                    help="regenerate even if the data exist or were not written by this script")
     return p
@@ -55,11 +66,7 @@ def _make_ana(args: argparse.Namespace, out: Path | None = None, max_labels: int
         if not marker.exists():
             raise UserError(f"{csv_path} exists and was not written by make_demo_data.py; "
                             f"use --force to overwrite it or choose another --out")
-        try:
-            same = json.loads(marker.read_text()) == record
-        except (OSError, ValueError):
-            same = False
-        if same:
+        if _is_current(marker, record):
             print(f"{title} demo data already there: {csv_path} (same arguments; --force rebuilds)")
             return csv_path
     marker.unlink(missing_ok=True)  # an interrupted run must not look complete
@@ -71,12 +78,42 @@ def _make_ana(args: argparse.Namespace, out: Path | None = None, max_labels: int
     return csv_path
 
 
+def _is_current(marker: Path, record: dict) -> bool:
+    try:
+        return json.loads(marker.read_text()) == record
+    except (OSError, ValueError):
+        return False
+
+
+def _make_cryoem(args: argparse.Namespace) -> Path:
+    """CryoEM PU demo: <out>/cryoem/preprocessed_data.pt (or chunks) and the marker .cryoem_demo."""
+    out = Path(args.out) / "cryoem"
+    marker = out / ".cryoem_demo"
+    gen_args = dict(n_pos=args.nPositive, n_unl=args.nUnlabeled, n_val=args.nEval, n_test=args.nEval,
+                    patch_size=args.patchSize, prior=args.prior, seed=args.seed, chunk_size=args.chunkSize)
+    record = {"format": MARKER_FORMAT, **gen_args}
+    existing = sorted(out.glob("preprocessed_data.pt")) + sorted(out.glob("chunk_*.pt"))
+    if existing and not args.force:
+        if not marker.exists():
+            raise UserError(f"{existing[0]} exists and was not written by make_demo_data.py; "
+                            f"use --force to overwrite it or choose another --out")
+        if _is_current(marker, record):
+            print(f"CryoEM demo data already there: {out} (same arguments; --force rebuilds)")
+            return out
+    marker.unlink(missing_ok=True)
+    generate_cryoem_demo(out, **gen_args)
+    marker.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    print(f"Wrote CryoEM demo: {args.nPositive} positive / {args.nUnlabeled} unlabelled (prior {args.prior}) / "
+          f"{args.nEval} val / {args.nEval} test patches of {args.patchSize} px -> {out}")
+    return out
+
+
 def _make_ana_single(args: argparse.Namespace) -> Path:
     """Single-label ANA demo (one pattern per image) in <out>/ana_single/, for main_single.py."""
     return _make_ana(args, Path(args.out) / "ana_single", max_labels=1, title="single-label ANA")
 
 
-FAMILIES = {"ana": _make_ana, "ana_single": _make_ana_single}  # name -> writer(args) returning its data path
+FAMILIES = {"ana": _make_ana, "ana_single": _make_ana_single, "cryoem": _make_cryoem}  # name -> writer(args) returning its data path
 
 
 @exit_on_user_error

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Quick start 1: set up, generate the demo data, and train the full self-paced model on it
-# (main.py, multi-label) and the single-label variant (main_single.py).
+# Quick start 1: set up, generate the demo data, and train both families on it: the full
+# self-paced ANA model (main.py, multi-label), its single-label variant (main_single.py), and
+# the CryoEM PU + Selective FixMatch picker (train_pu_selective_fixmatch.py, 10 epochs).
 # CPU-sized settings (ResNet-18, 96 px tiles, 12 epochs, random init since this machine may be
 # offline); a GPU run would drop --arch/--imageSize/--epoch and use the config.py defaults.
 set -euo pipefail
@@ -14,4 +15,8 @@ rm -rf checkpoints/demo_ana   # the demo's own run directory: start it afresh ea
 rm -rf checkpoints/demo_ana_single
 .venv/bin/python main_single.py --saveModel --lr 1e-3 \
   --arch resnet18 --imageSize 96 --epoch 8 --no-pretrained --pathModelParams checkpoints/demo_ana_single "$@"
-echo "demo done: see checkpoints/demo_ana{,_single}/output.txt and results.json (tensorboard --logdir checkpoints)"
+rm -rf experiments/demo_cryoem
+.venv/bin/python train_pu_selective_fixmatch.py --config configs/pu_selective_fixmatch.yaml --exp-name demo_cryoem \
+  --epochs 10
+echo "demo done: ANA in checkpoints/demo_ana{,_single}/ (output.txt, results.json), CryoEM in experiments/demo_cryoem/"
+echo "(train.log, results.json); TensorBoard: tensorboard --logdir checkpoints, tensorboard --logdir experiments"

@@ -1,0 +1,73 @@
+"""PU learning + Selective FixMatch training of a cryo-EM particle classifier.
+
+    python train_pu_selective_fixmatch.py --config configs/pu_selective_fixmatch.yaml \
+        --exp-name my_experiment --data-dir /path/to/data --batch-size 32 --epochs 100
+
+Settings come from the YAML config (utils/cryoem_config.py holds the defaults and checks);
+the flags below override it. Outputs go to <output-dir>/<exp-name>/: config.yaml, train.log,
+TensorBoard events, best_model.pt (EMA teacher with the best val AUC), last.pt (--resume)
+and results.json (test metrics of the best model). See SPEC_CRYOEM.md.
+"""
+import argparse
+from pathlib import Path
+
+from utils.cryoem_config import apply_cli_overrides, load_config
+from utils.cryoem_trainer import run
+from utils.errors import UserError, exit_on_user_error
+
+DEFAULT_CONFIG = "configs/pu_selective_fixmatch.yaml"
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="Train a cryo-EM particle classifier from positive and unlabelled patches "
+                    "(nnPU + Selective FixMatch with an EMA teacher). Values not given here come from --config.")
+    parser.add_argument("--config", default=DEFAULT_CONFIG,
+                        help="YAML config; its keys override the built-in defaults (default: %(default)s)")
+    parser.add_argument("--exp-name", default=None,
+                        help="run name: outputs go to <output-dir>/<exp-name>/ (default: the config file's stem)")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder with preprocessed_data.pt or chunk_*.pt (default: data.data_dir of the config)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="patches per batch, mixed by data.batch_ratio (default: training.batch_size of the config)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="maximum number of epochs (default: training.epochs of the config)")
+    parser.add_argument("--output-dir", default="experiments",
+                        help="parent folder of the run directories (default: %(default)s/)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in <output-dir>/<exp-name>/ from its last.pt (default: off, "
+                             "start a new run; an existing run directory is then an error)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="random seed of split, sampler, augmentation and initialisation "
+                             "(default: training.seed of the config)")
+    parser.add_argument("--device", default=None,
+                        help="auto, cpu, cuda or cuda:N (default: training.device of the config; auto = CUDA if available)")
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="DataLoader worker processes, 0 = main process (default: data.num_workers of the config)")
+    return parser
+
+
+def resolve_config_path(path):
+    """``path`` as given, or the repository's copy when the default is used from another directory."""
+    path = Path(path)
+    if not path.is_file() and not path.is_absolute():
+        beside = Path(__file__).resolve().parent / path
+        if beside.is_file():
+            return beside
+    return path
+
+
+@exit_on_user_error
+def main(argv=None):
+    """Parse ``argv`` (default: sys.argv), train, and return the results dict (results.json plus ``run_dir``)."""
+    args = build_parser().parse_args(argv)
+    config_path = resolve_config_path(args.config)
+    cfg = apply_cli_overrides(load_config(config_path), args)
+    exp_name = args.exp_name if args.exp_name is not None else config_path.stem
+    if not exp_name or exp_name in (".", "..") or "/" in exp_name or "\\" in exp_name:
+        raise UserError(f"--exp-name {exp_name!r} must be a plain folder name (no path separators)")
+    return run(cfg, argparse.Namespace(exp_name=exp_name, output_dir=args.output_dir, resume=args.resume))
+
+
+if __name__ == "__main__":
+    main()

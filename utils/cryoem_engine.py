@@ -1,0 +1,182 @@
+"""One CryoEM PU + Selective FixMatch training epoch, and the evaluation pass.
+
+A training step (SPEC_CRYOEM.md "Losses", "Training"), for a batch ``x`` [B, 1, S, S] with
+``is_positive`` [B] drawn by :class:`datasets.cryoem_dataset_pu.PUBatchSampler`:
+
+1. ``weak = weak_augment(x)``; ``strong = strong_augment(x[U])`` for the unlabelled samples U
+   (every sample when ``selective`` is false: standard FixMatch);
+2. teacher probabilities ``q = sigmoid(teacher(weak[U]))`` without gradients (the EMA teacher
+   in eval mode; with ``use_ema`` off the student's own detached weak logits, as FixMatch);
+3. one student forward of ``cat(weak, strong)`` (BatchNorm sees both views, as in FixMatch);
+4. ``L = L_nnPU(z_weak) + w_cons(e) * L_cons(z_strong, q) + w_ent(e) * L_ent(z_weak[U])`` where
+   the nnPU term is its *objective* (``-gamma * r`` on the non-negative correction branch);
+5. backward, gradient clipping, Adam step, per-iteration cosine step, EMA teacher update.
+
+Metrics are accumulated on the device and read back a few times per epoch only (every
+``sync_every`` steps and at the end), so the GPU never waits for the host between steps.
+"""
+import time
+from dataclasses import dataclass
+
+import torch
+
+from datasets.cryoem_augment import strong_augment, weak_augment
+from models.losses_pu import (consistency_weight, entropy_loss, entropy_weight, nnpu_loss,
+                              selective_consistency_loss)
+from utils.errors import UserError
+from utils.logger import progress
+
+# Per-step quantities averaged over the epoch (the keys of train_one_epoch's result, with
+# mask_rate / pseudo_positive_rate / nn_correction_rate computed from counts instead).
+_STEP_MEANS = ("loss", "objective", "pu_loss", "loss_pos", "loss_neg", "consistency_loss", "entropy_loss")
+
+
+@dataclass(frozen=True)
+class StepParams:
+    """The config values one training step needs (see :meth:`from_config`)."""
+
+    prior: float
+    nnpu_beta: float = 0.0
+    nnpu_gamma: float = 1.0
+    consistency_threshold: float = 0.95
+    selective: bool = True
+    lambda_consistency: float = 1.0
+    lambda_entropy: float = 0.01
+    rampup_epochs: int = 10
+    entropy_start_epoch: int = 10
+    entropy_rampup_epochs: int = 10
+    grad_clip: float = 1.0
+
+    @classmethod
+    def from_config(cls, cfg, prior):
+        """From a resolved config (utils.cryoem_config); ``prior`` is the resolved class prior
+        (``loss.prior``, or the data's metadata prior when the config says ``auto``)."""
+        loss, training = cfg["loss"], cfg["training"]
+        return cls(prior=float(prior), nnpu_beta=loss["nnpu_beta"], nnpu_gamma=loss["nnpu_gamma"],
+                   consistency_threshold=loss["consistency_threshold"], selective=loss["selective"],
+                   lambda_consistency=loss["lambda_consistency"], lambda_entropy=loss["lambda_entropy"],
+                   rampup_epochs=training["rampup_epochs"], entropy_start_epoch=training["entropy_start_epoch"],
+                   entropy_rampup_epochs=training["entropy_rampup_epochs"], grad_clip=training["grad_clip"])
+
+    def weights(self, epoch_index):
+        """``(w_cons, w_ent)`` of the 0-based epoch ``epoch_index`` (the seed's ramps)."""
+        return (consistency_weight(epoch_index, self.lambda_consistency, self.rampup_epochs),
+                entropy_weight(epoch_index, self.lambda_entropy, self.entropy_start_epoch,
+                               self.entropy_rampup_epochs))
+
+
+def train_one_epoch(student, teacher, loader, optimizer, scheduler, params, epoch_index, device,
+                    desc="train", generator=None, sync_every=50):
+    """Train ``student`` for one pass of ``loader``; update ``teacher`` (an EMATeacher) after each step.
+
+    ``params`` is a :class:`StepParams`; ``epoch_index`` is 0-based (it drives the ramps);
+    ``scheduler`` steps once per iteration; ``generator`` (on ``device``, optional) drives the
+    augmentations. A non-finite loss raises :class:`UserError` naming the epoch and step (the
+    previous epoch's ``last.pt`` stays intact).
+
+    Returns epoch means: ``loss`` (reported total: nnPU loss + weighted consistency + weighted
+    entropy), ``objective`` (the minimised total), ``pu_loss``, ``loss_pos`` (pi * R_p+),
+    ``loss_neg`` (r = R_u- - pi * R_p-), ``consistency_loss``, ``entropy_loss`` (unweighted),
+    ``mask_rate`` (confident unlabelled / unlabelled), ``pseudo_positive_rate`` (pseudo-label 1
+    among the confident unlabelled; NaN when none), ``nn_correction_rate`` (fraction of steps on
+    the nnPU correction branch, r < -beta), ``consistency_weight``, ``entropy_weight``, ``lr``
+    (mean over the steps), ``patches_per_s``, ``steps``, ``patches``, ``seconds``.
+    """
+    student.train()
+    if teacher.enabled:
+        teacher.model.eval()
+    w_cons, w_ent = params.weights(epoch_index)
+    sums = torch.zeros(len(_STEP_MEANS), dtype=torch.float64, device=device)
+    # counts: unlabelled seen, confident unlabelled, confident pseudo-positive unlabelled, correction steps
+    counts = torch.zeros(4, dtype=torch.float64, device=device)
+    first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+    lr_sum, n_steps, n_patches = 0.0, 0, 0
+    start = time.perf_counter()
+    for x, is_positive, _ in progress(loader, desc=desc):
+        x = x.to(device, non_blocking=True).float()
+        is_positive = is_positive.to(device, non_blocking=True).bool()
+        unlabelled = ~is_positive
+        selected = unlabelled if params.selective else torch.ones_like(is_positive)
+        n = x.shape[0]
+
+        weak = weak_augment(x, generator=generator)
+        strong = strong_augment(x[selected], generator=generator)
+        logits = student(torch.cat([weak, strong]))
+        logits_weak, logits_strong = logits[:n], logits[n:]
+        if teacher.enabled:
+            with torch.no_grad():
+                teacher_probs = torch.sigmoid(teacher.model(weak[selected]).float())
+        else:  # the student labels itself (FixMatch without EMA)
+            teacher_probs = torch.sigmoid(logits_weak.detach()[selected].float())
+
+        pu = nnpu_loss(logits_weak, is_positive, params.prior, beta=params.nnpu_beta, gamma=params.nnpu_gamma)
+        cons = selective_consistency_loss(logits_strong, teacher_probs, is_positive[selected],
+                                          threshold=params.consistency_threshold, selective=params.selective)
+        ent = entropy_loss(logits_weak, is_positive)
+        objective = pu["objective"] + w_cons * cons["loss"] + w_ent * ent
+
+        optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        if params.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(student.parameters(), params.grad_clip)
+        lr_sum += optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        teacher.update(student)
+
+        with torch.no_grad():
+            reported = pu["loss"] + w_cons * cons["loss"] + w_ent * ent
+            step = torch.stack([reported, objective, pu["loss"], pu["loss_pos"], pu["loss_neg"],
+                                cons["loss"], ent]).detach().double()
+            sums += step
+            mask = cons["mask"].bool() & unlabelled[selected]  # confident unlabelled samples
+            confident_pos = mask & (teacher_probs >= 0.5)
+            counts += torch.stack([unlabelled.sum(), mask.sum(), confident_pos.sum(),
+                                   (pu["loss_neg"].detach() < -params.nnpu_beta).sum()]).double()
+            bad = ~torch.isfinite(step[:2]).all()
+            first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, n_steps), first_bad)
+        n_steps += 1
+        n_patches += n
+        if n_steps % sync_every == 0:
+            _raise_if_bad(int(first_bad), epoch_index)
+    _raise_if_bad(int(first_bad), epoch_index)
+    seconds = time.perf_counter() - start
+    if n_steps == 0:
+        raise UserError("the training loader gave no batch (empty training set?)")
+    sums, counts = sums.cpu(), counts.cpu()  # the epoch's one read-back (besides the periodic checks)
+    out = {key: float(sums[i]) / n_steps for i, key in enumerate(_STEP_MEANS)}
+    n_unl, n_mask, n_conf_pos, n_corr = (float(c) for c in counts)
+    out.update({
+        "mask_rate": n_mask / n_unl if n_unl else float("nan"),
+        "pseudo_positive_rate": n_conf_pos / n_mask if n_mask else float("nan"),
+        "nn_correction_rate": n_corr / n_steps,
+        "consistency_weight": float(w_cons), "entropy_weight": float(w_ent),
+        "lr": lr_sum / n_steps, "patches_per_s": n_patches / max(seconds, 1e-9),
+        "steps": n_steps, "patches": n_patches, "seconds": seconds,
+    })
+    return out
+
+
+def _raise_if_bad(first_bad, epoch_index):
+    if first_bad >= 0:
+        raise UserError(f"the training loss became non-finite (NaN or inf) in epoch {epoch_index + 1}, "
+                        f"step {first_bad + 1}; lower training.learning_rate (e.g. to 0.0003) or set training.grad_clip > 0 "
+                        f"and start a new run (--exp-name); last.pt of the previous epoch is intact")
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, desc="eval"):
+    """``(labels, probs)``: float CPU tensors [N] of ``loader``'s 0/1 labels and ``sigmoid(model(x))``.
+
+    ``model`` runs in eval mode (dropout off, BatchNorm running statistics); no augmentation.
+    """
+    was_training = model.training
+    model.eval()
+    labels, probs = [], []
+    for x, y, _ in progress(loader, desc=desc):
+        probs.append(torch.sigmoid(model(x.to(device, non_blocking=True).float()).float()).cpu())
+        labels.append(y.float().reshape(-1))
+    model.train(was_training)
+    if not probs:
+        return torch.zeros(0), torch.zeros(0)
+    return torch.cat(labels), torch.cat(probs)

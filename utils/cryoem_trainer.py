@@ -1,0 +1,404 @@
+"""The CryoEM PU + Selective FixMatch training run behind ``train_pu_selective_fixmatch.py``.
+
+``run(cfg, args)`` takes a resolved config (utils.cryoem_config) and the parsed command line
+(``exp_name``, ``output_dir``, ``resume``) and trains:
+
+  check inputs (config, run directory, checkpoint, data, sampler, model) -> write the run
+  directory -> epochs of train (utils.cryoem_engine) / evaluate the EMA teacher on val ->
+  ``best_model.pt`` (best val AUC), ``last.pt`` (everything --resume needs) -> test with the best
+  teacher -> ``results.json``.
+
+Everything that can be wrong with the user's input is checked before the run directory is
+created or touched, so a bad command never damages an existing run.
+
+Run directory ``<output-dir>/<exp-name>/``: ``config.yaml`` (resolved config), ``train.log``
+(appended; git revision, device, torch version, config, one line per epoch), TensorBoard
+events (``train/*`` and ``val/*`` scalars of the EMA teacher, plus ``val/student_auc``; step = 1-based
+epoch), ``best_model.pt``,
+``last.pt`` and ``results.json``.
+"""
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from datasets.cryoem_dataset_pu import PUBatchSampler, load_pu_data
+from models.fixmatch_pu import EMATeacher, FixMatchPUModel
+from utils.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from utils.cryoem_config import dump_config
+from utils.cryoem_engine import StepParams, evaluate, train_one_epoch
+from utils.device import resolve_device
+from utils.early_stopping import EarlyStopping
+from utils.errors import UserError
+from utils.logger import close_run_logger, git_revision, setup_run_logger
+from utils.metrics import binary_metrics
+from utils.results import to_json_safe
+from utils.seed import rng_state, seed_everything, seed_worker, set_rng_state
+
+# Config keys a resumed run may change; any other difference from last.pt's config is refused
+# (it would silently mix two experiments in one run directory).
+RESUMABLE_CHANGES = ("data.data_dir", "data.num_workers", "data.max_open_chunks", "training.epochs",
+                     "training.early_stopping_patience", "training.device")
+LAST_KEYS = ("epoch", "student", "teacher", "optimizer", "scheduler", "best_auc", "best_epoch",
+             "early_stopping", "split", "rng_state", "config", "stopped")
+# Train metrics written to TensorBoard (train/<key>) each epoch.
+TRAIN_SCALARS = ("loss", "objective", "loss_pos", "loss_neg", "consistency_loss", "entropy_loss", "mask_rate",
+                 "pseudo_positive_rate", "consistency_weight", "entropy_weight", "lr", "nn_correction_rate",
+                 "patches_per_s")
+VAL_SCALARS = ("auc", "ap", "f1", "precision", "recall", "best_f1", "best_f1_threshold")
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+class _RecordBuffer(logging.Handler):
+    """Keeps log records until the run's logger exists (nothing is written before the checks pass)."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def _buffer_logger():
+    logger = logging.Logger("cryoem.setup")  # unregistered: nothing global is created per run
+    logger.setLevel(logging.INFO)
+    buffer = _RecordBuffer()
+    logger.addHandler(buffer)
+    return logger, buffer
+
+
+def _flatten(cfg, prefix=""):
+    out = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _fmt(value, spec=".4f"):
+    return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def _write_json(path, obj):
+    text = json.dumps(to_json_safe(obj), indent=2, allow_nan=False) + "\n"
+    atomic_write(path, lambda f: f.write(text), mode="w")
+
+
+def _resolve_prior(cfg, data):
+    """``loss.prior``, or the data's ``metadata.prior`` when the config says ``auto``."""
+    prior = cfg["loss"]["prior"]
+    if prior != "auto":
+        return float(prior)
+    meta = data.metadata.get("prior") if isinstance(data.metadata, dict) else None
+    if not isinstance(meta, (int, float)) or isinstance(meta, bool) or not 0.0 < meta < 1.0:
+        raise UserError(f"loss.prior is 'auto' but the data in {data.files[0] if data.files else 'data.data_dir'} "
+                        f"has no metadata.prior in (0, 1) (got {meta!r}); set loss.prior to a number")
+    return float(meta)
+
+
+def _check_resume_config(saved, cfg, last_path):
+    """Refuse a resume whose config differs from last.pt's in anything but RESUMABLE_CHANGES."""
+    old, new = _flatten(saved), _flatten(cfg)
+    for key in sorted(set(old) | set(new)):
+        if key in RESUMABLE_CHANGES:
+            continue
+        if old.get(key) != new.get(key):
+            raise UserError(f"--resume: {key} is {new.get(key)!r} but the run in {last_path.parent} was trained with "
+                            f"{old.get(key)!r}; a resumed run keeps its configuration (only "
+                            f"{', '.join(RESUMABLE_CHANGES)} may change); use another --exp-name for a new run")
+
+
+def _loader(dataset, device, num_workers, seed, batch_size=None, batch_sampler=None):
+    """A DataLoader with its own seeded generator: its worker seeds never draw from the global RNG,
+    so the dropout masks (global RNG) do not depend on when workers start (resume, num_workers)."""
+    kwargs = dict(num_workers=num_workers, pin_memory=device.type == "cuda",
+                  persistent_workers=num_workers > 0, worker_init_fn=seed_worker,
+                  generator=torch.Generator().manual_seed(int(seed)))
+    if batch_sampler is not None:
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, **kwargs)
+
+
+def _aug_generator(device, seed, epoch_index):
+    """The augmentation RNG of one epoch, seeded by (seed, epoch): a resumed run draws the same views."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed((int(seed) * 1_000_003 + int(epoch_index)) % (2**63 - 1))
+    return generator
+
+
+def _metrics(labels, probs, threshold=0.5):
+    """binary_metrics of an evaluation pass; None for an empty set."""
+    if labels.numel() == 0:
+        return None
+    if not torch.isfinite(probs).all():
+        raise UserError("the model's predictions became non-finite (NaN); lower training.learning_rate "
+                        "and start a new run (--exp-name)")
+    return binary_metrics(labels.numpy(), probs.numpy(), threshold=threshold)
+
+
+def _set_cosine_total(scheduler, total_steps, step):
+    """Stretch the per-iteration cosine schedule to ``total_steps`` (a resume with a new --epochs),
+    continuing at ``step``: ``lr = eta_min + (lr0 - eta_min) (1 + cos(pi step / T)) / 2``."""
+    scheduler.T_max = total_steps
+    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        lr = scheduler.eta_min + (base - scheduler.eta_min) * (1 + math.cos(math.pi * step / total_steps)) / 2
+        group["lr"] = lr
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
+def data_counts(data, prior):
+    """The ``data`` entry of results.json: sizes of the splits and what the metrics mean."""
+    def labelled(ds):
+        labels = getattr(ds, "labels", None)
+        n = len(ds)
+        return n, int(labels.sum().item()) if labels is not None and n else 0
+
+    n_val, n_val_pos = labelled(data.val)
+    n_test, n_test_pos = labelled(data.test)
+    return {"n_train_positive": int(data.n_pos), "n_train_unlabeled": int(data.n_unl),
+            "n_val": n_val, "n_val_positive": n_val_pos, "n_test": n_test, "n_test_positive": n_test_pos,
+            "patch_size": int(data.patch_size), "n_files": len(data.files), "prior": prior,
+            "heldout": bool(data.heldout)}
+
+
+# ----------------------------------------------------------------------------- the run
+
+def run(cfg, args):
+    """Train (or resume, or finish) the run ``<args.output_dir>/<args.exp_name>``; return results.json's dict
+    plus ``run_dir``. ``cfg`` is a validated, resolved config; ``args`` needs ``exp_name``,
+    ``output_dir`` and ``resume``."""
+    run_dir = Path(args.output_dir) / args.exp_name
+    last_path = run_dir / "last.pt"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} is a file; choose another --exp-name or --output-dir")
+    if args.resume and not last_path.is_file():
+        raise UserError(f"--resume: {last_path} does not exist (nothing to resume; drop --resume to start a new run)")
+    if not args.resume and last_path.is_file():
+        raise UserError(f"run directory {run_dir} already holds a run ({last_path.name}); pass --resume to continue "
+                        f"it or choose another --exp-name")
+    state = None
+    if args.resume:
+        state = load_checkpoint(last_path)
+        missing = [k for k in LAST_KEYS if k not in state]
+        if missing:
+            raise UserError(f"{last_path} is not a checkpoint of this trainer (missing {', '.join(missing)})")
+        _check_resume_config(state["config"], cfg, last_path)
+
+    device = resolve_device(cfg["training"]["device"])
+    seed = cfg["training"]["seed"]
+    seed_everything(seed)
+    setup_log, buffer = _buffer_logger()
+    data_cfg = cfg["data"]
+    data = load_pu_data(data_cfg["data_dir"], val_fraction=data_cfg["val_fraction"],
+                        test_fraction=data_cfg["test_fraction"], seed=seed,
+                        max_open_chunks=data_cfg["max_open_chunks"],
+                        split=state["split"] if state is not None else None, logger=setup_log)
+    prior = _resolve_prior(cfg, data)
+    sampler = PUBatchSampler(data.n_pos, data.n_unl, cfg["training"]["batch_size"],
+                             ratio=tuple(data_cfg["batch_ratio"]), seed=seed)
+    model_cfg = cfg["model"]
+    student = FixMatchPUModel(model_cfg["backbone"], dropout=model_cfg["dropout"],
+                              pretrained=model_cfg["pretrained"]).to(device)
+
+    # every input is checked: from here on the run directory is written
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logger = setup_run_logger(str(run_dir.resolve()), run_dir / "train.log")
+    try:
+        logger.info(f"git {git_revision()} | device {device} | torch {torch.__version__}")
+        logger.info("config " + json.dumps(cfg, sort_keys=False))
+        for record in buffer.records:
+            logger.handle(record)
+        dump_config(cfg, run_dir / "config.yaml")
+        return _train(cfg, state, device, data, prior, sampler, student, run_dir, logger,
+                      lambda step: _summary_writer(run_dir, step))
+    except UserError as exc:
+        logger.error("error: " + " ".join(str(exc).split()), extra={"file_only": True})
+        raise
+    finally:
+        close_run_logger(logger)
+
+
+class _LazyWriter:
+    """Creates the SummaryWriter on first use, so a finished run that is resumed gets no new event file."""
+
+    def __init__(self, factory, purge_step):
+        self.factory, self.purge_step, self.writer = factory, purge_step, None
+
+    def add_scalar(self, tag, value, step):
+        if self.writer is None:
+            self.writer = self.factory(self.purge_step)
+        self.writer.add_scalar(tag, value, step)
+
+    def flush(self):
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _summary_writer(run_dir, purge_step):
+    """TensorBoard writer; ``purge_step`` hides events of steps >= it left by an interrupted attempt."""
+    from torch.utils.tensorboard import SummaryWriter  # heavy import: only when a run writes
+
+    return SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
+
+
+def _train(cfg, state, device, data, prior, sampler, student, run_dir, logger, writer_factory):
+    training, model_cfg, data_cfg = cfg["training"], cfg["model"], cfg["data"]
+    epochs, seed, num_workers = training["epochs"], training["seed"], data_cfg["num_workers"]
+    counts = data_counts(data, prior)
+    logger.info(f"data {data_cfg['data_dir']}: {counts['n_train_positive']} positive + "
+                f"{counts['n_train_unlabeled']} unlabelled training patches of {counts['patch_size']} px; "
+                f"val {counts['n_val']} ({counts['n_val_positive']} positive), "
+                f"test {counts['n_test']} ({counts['n_test_positive']} positive)"
+                + ("; val/test are positive-vs-unlabelled hold-outs" if data.heldout else ""))
+    logger.info(f"prior {prior:g}" + (" (from the data's metadata)" if cfg["loss"]["prior"] == "auto" else "")
+                + f" | {len(sampler)} batches of {training['batch_size']} per epoch, ratio "
+                f"{data_cfg['batch_ratio'][0]}:{data_cfg['batch_ratio'][1]}"
+                f" | {'selective' if cfg['loss']['selective'] else 'standard'} FixMatch")
+
+    teacher = EMATeacher(student, decay=model_cfg["ema_decay"], enabled=model_cfg["use_ema"])
+    # the fused kernel: one pass over all parameters (on the CPU ~50x faster than the per-tensor loop)
+    fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
+    optimizer = torch.optim.Adam(student.parameters(), lr=training["learning_rate"],
+                                 weight_decay=training["weight_decay"], **fused)
+    total_steps = epochs * len(sampler)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=training["min_lr"])
+    early = EarlyStopping(training["early_stopping_patience"])
+    params = StepParams.from_config(cfg, prior)
+    train_loader = _loader(data.train, device, num_workers, seed, batch_sampler=sampler)
+    eval_batch = 2 * training["batch_size"]
+    val_loader = _loader(data.val, device, num_workers, seed, batch_size=eval_batch) if len(data.val) else None
+    test_loader = _loader(data.test, device, num_workers, seed, batch_size=eval_batch) if len(data.test) else None
+
+    best_auc, best_epoch, start_epoch, stopped = None, 0, 0, False  # epochs are counted from 1; 0 = none yet
+    if state is not None:
+        try:
+            student.load_state_dict(state["student"])
+            teacher.load_state_dict(state["teacher"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = (str(exc).strip().splitlines() or [""])[0][:160]
+            raise UserError(f"{run_dir / 'last.pt'} does not fit model.backbone {model_cfg['backbone']} "
+                            f"({type(exc).__name__}: {first})") from None
+        scheduler.load_state_dict(state["scheduler"])
+        early.load_state_dict(state["early_stopping"])
+        best_auc, best_epoch = state["best_auc"], int(state["best_epoch"])
+        start_epoch, stopped = int(state["epoch"]), bool(state["stopped"])
+        set_rng_state(state["rng_state"])
+        done = stopped or start_epoch >= epochs
+        if done:
+            why = "stopped early" if stopped else f"reached training.epochs {epochs}"
+            logger.info(f"{run_dir / 'last.pt'}: this run already {why} after epoch {start_epoch}; nothing to train")
+        else:
+            if scheduler.T_max != total_steps:
+                logger.info(f"training.epochs is now {epochs} (was {state['config']['training']['epochs']}): the cosine "
+                            f"schedule is stretched to {total_steps} steps from step {scheduler.last_epoch}")
+                _set_cosine_total(scheduler, total_steps, scheduler.last_epoch)
+            logger.info(f"resumed from {run_dir / 'last.pt'} at epoch {start_epoch + 1}")
+        if done and (run_dir / "results.json").is_file():
+            try:
+                results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                results = None  # rewritten below
+            if isinstance(results, dict):
+                return {**results, "run_dir": str(run_dir)}
+
+    writer = _LazyWriter(writer_factory, purge_step=start_epoch + 1)
+    warned_nan_auc = False
+    try:
+        for epoch_index in range(start_epoch, epochs if not stopped else start_epoch):
+            epoch = epoch_index + 1
+            sampler.set_epoch(epoch_index)
+            stats = train_one_epoch(student, teacher, train_loader, optimizer, scheduler, params, epoch_index, device,
+                                    desc=f"epoch {epoch} train", generator=_aug_generator(device, seed, epoch_index))
+            val = None
+            if val_loader is not None:
+                val = _metrics(*evaluate(teacher.model, val_loader, device, desc=f"epoch {epoch} val"))
+            student_auc = float("nan")  # diagnostic: how far the EMA teacher lags behind the student
+            if val is not None and teacher.enabled:
+                student_auc = _metrics(*evaluate(student, val_loader, device, desc=f"epoch {epoch} val (student)"))["auc"]
+            auc = val["auc"] if val is not None else float("nan")
+            improved = not math.isnan(auc) and (best_auc is None or auc > best_auc)
+            fallback = math.isnan(auc) and best_auc is None  # val cannot rank: keep the latest epoch
+            if improved or fallback:
+                best_auc, best_epoch = (auc if improved else None), epoch
+                save_checkpoint({"model": teacher.model.state_dict(), "student": student.state_dict(), "config": cfg,
+                                 "epoch": epoch, "val_metrics": val, "backbone": model_cfg["backbone"],
+                                 "patch_size": int(data.patch_size), "prior": prior}, run_dir / "best_model.pt")
+                if fallback and not warned_nan_auc:
+                    logger.info("val AUC is undefined (val is empty or holds one class only): best_model.pt holds "
+                                "the latest epoch and early stopping is off")
+                    warned_nan_auc = True
+            if not math.isnan(auc):
+                stopped = early.step(improved)
+
+            for key in TRAIN_SCALARS:
+                if not math.isnan(stats[key]):
+                    writer.add_scalar(f"train/{key}", stats[key], epoch)
+            for key in VAL_SCALARS if val is not None else ():
+                if not math.isnan(val[key]):
+                    writer.add_scalar(f"val/{key}", val[key], epoch)
+            if not math.isnan(student_auc):
+                writer.add_scalar("val/student_auc", student_auc, epoch)
+            writer.flush()
+            logger.info(
+                f"epoch {epoch}/{epochs} | loss {stats['loss']:.4f} (pos {stats['loss_pos']:.4f} neg "
+                f"{stats['loss_neg']:.4f} nn {stats['nn_correction_rate']:.2f}) | cons {stats['consistency_loss']:.4f} "
+                f"x{stats['consistency_weight']:.2f} | ent {stats['entropy_loss']:.4f} x{stats['entropy_weight']:.3g} | "
+                f"mask {_fmt(stats['mask_rate'], '.3f')} pseudo+ {_fmt(stats['pseudo_positive_rate'], '.3f')} | "
+                f"lr {stats['lr']:.2e} | {stats['patches_per_s']:.0f} patches/s {stats['seconds']:.1f}s | "
+                + (f"val auc {_fmt(val['auc'])} ap {_fmt(val['ap'])} precision {_fmt(val['precision'])} "
+                   f"recall {_fmt(val['recall'])} f1 {_fmt(val['f1'])} best_f1 {_fmt(val['best_f1'])}"
+                   + (f" (student auc {_fmt(student_auc)})" if teacher.enabled else "")
+                   if val is not None else "no val set")
+                + (" | new best" if improved else ""))
+
+            save_checkpoint({"epoch": epoch, "student": student.state_dict(), "teacher": teacher.state_dict(),
+                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "best_auc": best_auc, "best_epoch": best_epoch, "early_stopping": early.state_dict(),
+                             "stopped": stopped, "split": data.split, "rng_state": rng_state(), "config": cfg,
+                             "backbone": model_cfg["backbone"], "patch_size": int(data.patch_size)},
+                            run_dir / "last.pt")
+            start_epoch = epoch
+            if stopped:
+                logger.info(f"early stopping: val AUC has not improved for {training['early_stopping_patience']} "
+                            f"epochs (best {_fmt(best_auc)} at epoch {best_epoch})")
+                break
+    finally:
+        writer.close()
+    return _finish(cfg, data, counts, teacher, test_loader, device, run_dir, logger, start_epoch)
+
+
+def _finish(cfg, data, counts, teacher, test_loader, device, run_dir, logger, epochs_run):
+    """Test the best teacher at threshold 0.5 and at val's best-F1 threshold; write results.json."""
+    best = load_checkpoint(run_dir / "best_model.pt", map_location=device)
+    teacher.model.load_state_dict(best["model"])
+    val = best["val_metrics"]
+    test = test_at_best = None
+    if test_loader is not None:
+        labels, probs = evaluate(teacher.model, test_loader, device, desc="test")
+        test = _metrics(labels, probs)
+        threshold = val.get("best_f1_threshold") if val is not None else None
+        if threshold is not None and not math.isnan(threshold):
+            test_at_best = _metrics(labels, probs, threshold=threshold)
+    else:
+        logger.info("no test set: results.json has no test metrics")
+    results = {"best_epoch": int(best["epoch"]), "epochs_run": int(epochs_run), "heldout": bool(data.heldout),
+               "val": val, "test": test, "test_at_val_best_f1_threshold": test_at_best, "data": counts}
+    _write_json(run_dir / "results.json", results)
+    if test is not None:
+        logger.info(f"test (best epoch {results['best_epoch']}, teacher) | auc {_fmt(test['auc'])} ap {_fmt(test['ap'])} "
+                    f"precision {_fmt(test['precision'])} recall {_fmt(test['recall'])} f1 {_fmt(test['f1'])}"
+                    + (f" | at val's best-F1 threshold {test_at_best['threshold']:.3f}: f1 {_fmt(test_at_best['f1'])}"
+                       if test_at_best is not None else ""))
+    logger.info(f"results in {run_dir / 'results.json'}")
+    return {**to_json_safe(results), "run_dir": str(run_dir)}  # what results.json holds (NaN -> None)
