@@ -62,27 +62,37 @@ def _make_ana(args: argparse.Namespace, out: Path | None = None, max_labels: int
     if max_labels is not None:
         gen_args["max_labels"] = max_labels
     record = {"format": MARKER_FORMAT, **gen_args}
-    if csv_path.exists() and not args.force:
-        if not marker.exists():
-            raise UserError(f"{csv_path} exists and was not written by make_demo_data.py; "
-                            f"use --force to overwrite it or choose another --out")
-        if _is_current(marker, record):
-            print(f"{title} demo data already there: {csv_path} (same arguments; --force rebuilds)")
-            return csv_path
-    marker.unlink(missing_ok=True)  # an interrupted run must not look complete
-    csv_path = generate_ana_demo(out, **gen_args)
-    marker.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    if not _write_once(csv_path if csv_path.exists() else None, marker, record, args.force, title, csv_path,
+                       lambda: generate_ana_demo(out, **gen_args)):
+        return csv_path
     w, h = args.tilesX * args.tileSize, args.tilesY * args.tileSize
     print(f"Wrote {title} demo: {args.nTrain} train / {args.nVal} val / {args.nTest} test images "
           f"({w}x{h} px, {args.tilesX}x{args.tilesY} tiles) -> {csv_path}")
     return csv_path
 
 
-def _is_current(marker: Path, record: dict) -> bool:
-    try:
-        return json.loads(marker.read_text()) == record
-    except (OSError, ValueError):
-        return False
+def _write_once(found: Path | None, marker: Path, record: dict, force: bool, title: str, shown: Path,
+                write) -> bool:
+    """Call ``write()`` unless ``marker`` records the same arguments; returns whether it wrote.
+
+    ``found`` is existing data in the target folder (None when empty): without a marker it was
+    not written by this script and is only replaced with ``force``.
+    """
+    if found is not None and not force:
+        if not marker.exists():
+            raise UserError(f"{found} exists and was not written by make_demo_data.py; "
+                            f"use --force to overwrite it or choose another --out")
+        try:
+            same = json.loads(marker.read_text()) == record
+        except (OSError, ValueError):
+            same = False
+        if same:
+            print(f"{title} demo data already there: {shown} (same arguments; --force rebuilds)")
+            return False
+    marker.unlink(missing_ok=True)  # an interrupted run must not look complete
+    write()
+    marker.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    return True
 
 
 def _make_cryoem(args: argparse.Namespace) -> Path:
@@ -93,16 +103,9 @@ def _make_cryoem(args: argparse.Namespace) -> Path:
                     patch_size=args.patchSize, prior=args.prior, seed=args.seed, chunk_size=args.chunkSize)
     record = {"format": MARKER_FORMAT, **gen_args}
     existing = sorted(out.glob("preprocessed_data.pt")) + sorted(out.glob("chunk_*.pt"))
-    if existing and not args.force:
-        if not marker.exists():
-            raise UserError(f"{existing[0]} exists and was not written by make_demo_data.py; "
-                            f"use --force to overwrite it or choose another --out")
-        if _is_current(marker, record):
-            print(f"CryoEM demo data already there: {out} (same arguments; --force rebuilds)")
-            return out
-    marker.unlink(missing_ok=True)
-    generate_cryoem_demo(out, **gen_args)
-    marker.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    if not _write_once(existing[0] if existing else None, marker, record, args.force, "CryoEM", out,
+                       lambda: generate_cryoem_demo(out, **gen_args)):
+        return out
     print(f"Wrote CryoEM demo: {args.nPositive} positive / {args.nUnlabeled} unlabelled (prior {args.prior}) / "
           f"{args.nEval} val / {args.nEval} test patches of {args.patchSize} px -> {out}")
     return out
