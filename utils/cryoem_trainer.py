@@ -26,15 +26,15 @@ import torch
 
 from datasets.cryoem_dataset_pu import PUBatchSampler, load_pu_data
 from models.fixmatch_pu import EMATeacher, FixMatchPUModel
-from utils.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.cryoem_config import dump_config
 from utils.cryoem_engine import StepParams, evaluate, train_one_epoch
 from utils.device import resolve_device
 from utils.early_stopping import EarlyStopping
 from utils.errors import UserError
-from utils.logger import close_run_logger, git_revision, setup_run_logger
+from utils.logger import close_run_logger, git_revision, make_summary_writer, setup_run_logger
 from utils.metrics import binary_metrics
-from utils.results import to_json_safe
+from utils.results import to_json_safe, write_json
 from utils.seed import rng_state, seed_everything, seed_worker, set_rng_state
 
 # Config keys a resumed run may change; any other difference from last.pt's config is refused
@@ -83,11 +83,6 @@ def _flatten(cfg, prefix=""):
 
 def _fmt(value, spec=".4f"):
     return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
-
-
-def _write_json(path, obj):
-    text = json.dumps(to_json_safe(obj), indent=2, allow_nan=False) + "\n"
-    atomic_write(path, lambda f: f.write(text), mode="w")
 
 
 def _resolve_prior(cfg, data):
@@ -216,7 +211,7 @@ def run(cfg, args):
             logger.handle(record)
         dump_config(cfg, run_dir / "config.yaml")
         return _train(cfg, state, device, data, prior, sampler, student, run_dir, logger,
-                      lambda step: _summary_writer(run_dir, step))
+                      lambda step: make_summary_writer(run_dir, purge_step=step))
     except UserError as exc:
         logger.error("error: " + " ".join(str(exc).split()), extra={"file_only": True})
         raise
@@ -242,13 +237,6 @@ class _LazyWriter:
     def close(self):
         if self.writer is not None:
             self.writer.close()
-
-
-def _summary_writer(run_dir, purge_step):
-    """TensorBoard writer; ``purge_step`` hides events of steps >= it left by an interrupted attempt."""
-    from torch.utils.tensorboard import SummaryWriter  # heavy import: only when a run writes
-
-    return SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
 
 
 def _train(cfg, state, device, data, prior, sampler, student, run_dir, logger, writer_factory):
@@ -394,7 +382,7 @@ def _finish(cfg, data, counts, teacher, test_loader, device, run_dir, logger, ep
         logger.info("no test set: results.json has no test metrics")
     results = {"best_epoch": int(best["epoch"]), "epochs_run": int(epochs_run), "heldout": bool(data.heldout),
                "val": val, "test": test, "test_at_val_best_f1_threshold": test_at_best, "data": counts}
-    _write_json(run_dir / "results.json", results)
+    write_json(run_dir / "results.json", results)
     if test is not None:
         logger.info(f"test (best epoch {results['best_epoch']}, teacher) | auc {_fmt(test['auc'])} ap {_fmt(test['ap'])} "
                     f"precision {_fmt(test['precision'])} recall {_fmt(test['recall'])} f1 {_fmt(test['f1'])}"

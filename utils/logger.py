@@ -69,8 +69,11 @@ def git_revision():
         return "unknown"
 
 
-def make_summary_writer(log_dir):
-    """A TensorBoard ``SummaryWriter`` writing its event files into ``log_dir``."""
+def make_summary_writer(log_dir, purge_step=None):
+    """A TensorBoard ``SummaryWriter`` writing its event files into ``log_dir``.
+
+    ``purge_step`` hides events of steps >= it left by an interrupted attempt (a resume).
+    """
     from torch.utils.tensorboard import SummaryWriter  # heavy import: only when a run starts
 
-    return SummaryWriter(log_dir=str(log_dir))
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)

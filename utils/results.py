@@ -53,5 +53,10 @@ class ResultsFile:
             self._write()
 
     def _write(self):
-        text = json.dumps(to_json_safe(self.records), indent=2, allow_nan=False)
-        atomic_write(self.path, lambda f: f.write(text), mode="w")
+        write_json(self.path, self.records)
+
+
+def write_json(path, obj):
+    """Write ``obj`` as strict JSON (NaN -> null, see :func:`to_json_safe`), atomically."""
+    text = json.dumps(to_json_safe(obj), indent=2, allow_nan=False) + "\n"
+    atomic_write(path, lambda f: f.write(text), mode="w")
