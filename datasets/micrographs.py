@@ -1,0 +1,506 @@
+"""Micrograph images and particle-coordinate files: reading, writing, matching.
+
+Conventions used everywhere in this module (and by every caller):
+
+* Pixel frame: ``x`` = column index, ``y`` = row index (0-based) of the 2-D array *as read*
+  (Pillow's top-left origin; mrcfile's ``data[row, col]``). Nothing is ever flipped.
+  Coordinates are particle *centres*, as floats.
+* A coordinates table is a ``pandas.DataFrame`` with exactly the columns
+  ``["micrograph", "x", "y", "score"]``: ``micrograph`` is the name as found in the file
+  (``"Falcon_x.jpg"``, ``"Falcon_x"`` or a path), ``x`` / ``y`` / ``score`` are float64 and
+  ``score`` is NaN when the file has none.
+* Names are matched through :func:`micrograph_key` (basename minus a micrograph suffix), so
+  ``"MotionCorr/job002/Falcon_x.mrc"``, ``"Falcon_x.jpg"`` and ``"Falcon_x"`` all match.
+* Bad user input raises :class:`utils.errors.UserError` with one line naming the file, the
+  column or value, and what was expected. Written files appear atomically (temp + replace).
+"""
+from __future__ import annotations
+
+import glob
+import io
+import logging
+import math
+from pathlib import Path, PurePosixPath
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import starfile
+from PIL import Image
+
+from utils.checkpoint import atomic_write
+from utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+MICROGRAPH_SUFFIXES = (".mrc", ".mrcs", ".tif", ".tiff", ".png", ".jpg", ".jpeg")
+COORDINATE_SUFFIXES = (".star", ".box", ".csv", ".tsv", ".txt")
+
+# Accepted header names of table files (matched case-insensitively; the first present wins).
+X_NAMES = ("x", "x_coord", "xcoord", "rlnCoordinateX", "_rlnCoordinateX", "coordinate_x", "center_x",
+           "x_center")
+Y_NAMES = ("y", "y_coord", "ycoord", "rlnCoordinateY", "_rlnCoordinateY", "coordinate_y", "center_y",
+           "y_center")
+MICROGRAPH_NAMES = ("micrograph", "micrograph_name", "image_name", "image", "rlnMicrographName",
+                    "_rlnMicrographName", "mic", "filename", "file")
+SCORE_NAMES = ("score", "rlnAutopickFigureOfMerit", "_rlnAutopickFigureOfMerit", "confidence",
+               "probability", "fom")
+
+# ITU-R BT.601 luma weights, as Pillow's convert("L") uses, but kept in float (no rounding).
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+_GRAY_MODES = ("L", "I", "F", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _one_line(exc):
+    """``Type: message`` of a library exception, squeezed onto one line."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+# ----------------------------------------------------------------------------- names
+def micrograph_key(name):
+    """The name used to match micrographs: basename minus a known micrograph suffix.
+
+    ``micrograph_key("a/b/Falcon_x.jpg") == "Falcon_x"``; the suffix test is case-insensitive
+    and only :data:`MICROGRAPH_SUFFIXES` are removed, so ``"x.box"`` stays ``"x.box"`` and
+    ``"Falcon_x"`` stays ``"Falcon_x"``.
+    """
+    base = PurePosixPath(str(name).strip()).name
+    stem, dot, suffix = base.rpartition(".")
+    if dot and stem and f".{suffix.lower()}" in MICROGRAPH_SUFFIXES:
+        return stem
+    return base
+
+
+def list_micrographs(inputs):
+    """Micrograph files from ``inputs``: files, directories or glob patterns, in that order.
+
+    A directory gives its files with a :data:`MICROGRAPH_SUFFIXES` suffix, sorted by name; a
+    pattern (``*``, ``?`` or ``[``; ``**`` recurses) gives its matching micrograph files,
+    sorted. Raises UserError when an input does not exist or yields nothing, when a file
+    has another suffix, or when two files have the same :func:`micrograph_key` (names
+    would be ambiguous when matching coordinates).
+    """
+    if isinstance(inputs, (str, Path)):
+        inputs = [inputs]
+    if not inputs:
+        raise UserError("no micrograph inputs given; expected files, directories or glob patterns")
+    found = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files = sorted((p for p in path.iterdir() if p.is_file() and _is_micrograph(p)),
+                           key=lambda p: p.name)
+            if not files:
+                raise UserError(f"{path}: directory has no micrograph files; expected names ending in "
+                                f"{', '.join(MICROGRAPH_SUFFIXES)}")
+        elif path.is_file():
+            if not _is_micrograph(path):
+                raise UserError(f"{path}: unknown micrograph suffix '{path.suffix}'; expected one of "
+                                f"{', '.join(MICROGRAPH_SUFFIXES)}")
+            files = [path]
+        elif any(c in str(item) for c in "*?["):
+            files = [Path(p) for p in sorted(glob.glob(str(item), recursive=True))
+                     if Path(p).is_file() and _is_micrograph(Path(p))]
+            if not files:
+                raise UserError(f"{item}: pattern matches no micrograph files; expected names ending in "
+                                f"{', '.join(MICROGRAPH_SUFFIXES)}")
+        else:
+            raise UserError(f"{path}: micrograph file or directory does not exist")
+        found.extend(files)
+    seen = {}
+    for path in found:
+        key = micrograph_key(path.name)
+        if key in seen:
+            raise UserError(f"{path}: micrograph name '{key}' is also given by {seen[key]}; "
+                            f"expected one file per micrograph")
+        seen[key] = path
+    return found
+
+
+def _is_micrograph(path):
+    return path.suffix.lower() in MICROGRAPH_SUFFIXES
+
+
+# ----------------------------------------------------------------------------- images
+def read_micrograph(path):
+    """One micrograph as a float32 array ``[H, W]`` (row ``y``, column ``x``), values as stored.
+
+    MRC (``.mrc`` / ``.mrcs``) is read with mrcfile; a single section ``[1, H, W]`` is
+    squeezed, a stack or volume of more sections is an error. TIFF / PNG / JPG are read with
+    Pillow: grey modes (``L``, ``I;16``, ``I``, ``F``) keep their values; colour images become
+    luminance ``0.299 R + 0.587 G + 0.114 B`` (alpha ignored); multi-page TIFFs are an error.
+    No flip, no normalisation. Missing, corrupt or unknown-suffix files raise UserError.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: micrograph file does not exist")
+    suffix = path.suffix.lower()
+    if suffix in (".mrc", ".mrcs"):
+        image = _read_mrc(path)
+    elif suffix in MICROGRAPH_SUFFIXES:
+        image = _read_pillow(path)
+    else:
+        raise UserError(f"{path}: unknown micrograph suffix '{path.suffix}'; expected one of "
+                        f"{', '.join(MICROGRAPH_SUFFIXES)}")
+    if image.ndim != 2 or image.size == 0:
+        raise UserError(f"{path}: image has shape {tuple(image.shape)}; expected a non-empty 2-D image")
+    return image
+
+
+def _read_mrc(path):
+    try:
+        # mmap: a stack is refused from its header without reading all its sections.
+        with mrcfile.mmap(path, mode="r", permissive=True) as mrc:
+            data = mrc.data
+            if data is None:
+                raise ValueError("no readable data (header invalid)")
+            if np.iscomplexobj(data):
+                raise UserError(f"{path}: MRC holds complex values (mode {int(mrc.header.mode)}); "
+                                f"expected a real-valued image")
+            if data.ndim == 3 and data.shape[0] > 1:
+                raise UserError(f"{path}: MRC holds {data.shape[0]} sections {tuple(data.shape)}; "
+                                f"expected one micrograph [H, W] or [1, H, W]")
+            image = np.array(data.reshape(data.shape[-2:]) if data.ndim == 3 else data, dtype=np.float32)
+    except UserError:
+        raise
+    except Exception as exc:  # corrupt or foreign file: say which one
+        raise UserError(f"{path}: cannot be read as MRC ({_one_line(exc)})") from None
+    return image
+
+
+def _read_pillow(path):
+    try:
+        with Image.open(path) as img:
+            pages = getattr(img, "n_frames", 1)
+            if pages > 1:
+                raise UserError(f"{path}: image has {pages} pages; expected a single-page image")
+            img.load()
+            if img.mode in _GRAY_MODES:
+                image = np.asarray(img).astype(np.float32)
+            elif img.mode in ("LA", "La"):
+                image = np.asarray(img.getchannel(0)).astype(np.float32)
+            else:  # RGB, RGBA, P, CMYK, ...: luminance of the RGB rendering
+                image = np.asarray(img.convert("RGB"), dtype=np.float32) @ _LUMA
+    except UserError:
+        raise
+    except Exception as exc:  # unidentified, truncated, or a mode Pillow cannot convert
+        raise UserError(f"{path}: cannot be read as an image ({_one_line(exc)})") from None
+    return image
+
+
+# ----------------------------------------------------------------------------- reading coordinates
+def read_coordinates(path, micrograph=None):
+    """Read particle centres from a STAR, BOX, CSV, TSV or TXT file, or a directory of them.
+
+    Returns ``(df, info)``: ``df`` has the columns ``micrograph, x, y, score`` (see the module
+    docstring); ``info`` is one line saying which columns were used. When the file names no
+    micrograph, ``micrograph`` (if given) or the file's stem is used.
+
+    * STAR: the first block with ``rlnCoordinateX`` / ``rlnCoordinateY``; micrograph from
+      ``rlnMicrographName``, score from ``rlnAutopickFigureOfMerit`` when present.
+    * BOX (EMAN): whitespace columns ``x y width height [ignored...]`` where ``x, y`` is the
+      box corner with the smallest x and y (EMAN's "lower left": its y axis points up, ours
+      is the row index, and we do not flip); the centre is ``(x + width/2, y + height/2)``.
+    * CSV (comma), TSV (tab), TXT (tab if the first line has one, else any whitespace):
+      a header row; columns matched case-insensitively against :data:`X_NAMES`,
+      :data:`Y_NAMES`, :data:`MICROGRAPH_NAMES`, :data:`SCORE_NAMES` (first listed wins).
+
+    A directory's files (those with :data:`COORDINATE_SUFFIXES`) are read in name order and
+    concatenated; a file there without coordinates (an empty BOX file is how EMAN tools say
+    "no particles") is skipped with a warning. A single file without coordinates, missing
+    columns, or non-numeric / NaN x or y raise UserError.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _read_coordinate_dir(path, micrograph)
+    if not path.is_file():
+        raise UserError(f"{path}: coordinates file or directory does not exist")
+    df, how = _read_coordinate_file(path, micrograph)
+    if len(df) == 0:
+        raise UserError(f"{path}: file has no coordinates; expected at least one particle")
+    return df, f"{path}: {len(df)} coordinates; {how}"
+
+
+def _read_coordinate_dir(path, micrograph):
+    files = sorted((p for p in path.iterdir()
+                    if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in COORDINATE_SUFFIXES),
+                   key=lambda p: p.name)
+    if not files:
+        raise UserError(f"{path}: directory has no coordinate files; expected names ending in "
+                        f"{', '.join(COORDINATE_SUFFIXES)}")
+    frames, hows = [], []
+    for f in files:
+        df, how = _read_coordinate_file(f, micrograph)
+        if len(df) == 0:
+            logger.warning("%s: no coordinates; skipped", f)
+            continue
+        frames.append(df)
+        how = how.replace(f"micrograph '{f.stem}' (the file name)", "micrograph from each file name")
+        if how not in hows:
+            hows.append(how)
+    if not frames:
+        raise UserError(f"{path}: none of its {len(files)} coordinate files has coordinates; "
+                        f"expected at least one particle")
+    df = pd.concat(frames, ignore_index=True)
+    return df, f"{path}: {len(df)} coordinates from {len(frames)} files; {'; '.join(hows)}"
+
+
+def _read_coordinate_file(path, micrograph):
+    """``(df, how)`` for one file; ``df`` may have no rows (the callers decide)."""
+    suffix = path.suffix.lower()
+    if suffix not in COORDINATE_SUFFIXES:
+        raise UserError(f"{path}: unknown coordinates suffix '{path.suffix}'; expected one of "
+                        f"{', '.join(COORDINATE_SUFFIXES)}")
+    if path.stat().st_size == 0:
+        return _empty_table(), "empty file"
+    if suffix == ".star":
+        return _read_star(path, micrograph)
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a spreadsheet's BOM is not part of the header
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: is not a UTF-8 text file; expected a coordinates table") from None
+    if not text.strip():
+        return _empty_table(), "empty file"
+    if suffix == ".box":
+        return _read_box(path, text, micrograph)
+    if suffix == ".csv":
+        sep = ","
+    elif suffix == ".tsv":
+        sep = "\t"
+    else:  # .txt: sniff from the header line
+        first = next(line for line in text.splitlines() if line.strip())
+        sep = "\t" if "\t" in first else r"\s+"
+    return _read_table(path, text, sep, micrograph)
+
+
+def _empty_table():
+    return pd.DataFrame({"micrograph": pd.Series([], dtype=str), "x": pd.Series([], dtype=np.float64),
+                         "y": pd.Series([], dtype=np.float64), "score": pd.Series([], dtype=np.float64)})
+
+
+def _table(names, x, y, score=None):
+    n = len(x)
+    return pd.DataFrame({
+        "micrograph": pd.Series(list(names) if not isinstance(names, str) else [names] * n, dtype=str),
+        "x": np.asarray(x, dtype=np.float64),
+        "y": np.asarray(y, dtype=np.float64),
+        "score": np.full(n, np.nan) if score is None else np.asarray(score, dtype=np.float64),
+    })
+
+
+def _numbers(path, column, values, allow_missing=False):
+    """``values`` (a Series) as float64; the first non-number raises UserError with its row.
+
+    Rows are counted from 1 = the first data row (after a header). With ``allow_missing``,
+    empty cells and ``nan`` are NaN instead of errors (used for scores).
+    """
+    values = values.reset_index(drop=True)
+    numbers = np.array(pd.to_numeric(values, errors="coerce"), dtype=np.float64)
+    bad = ~np.isfinite(numbers)
+    if allow_missing:
+        missing = (values.isna() | values.astype(str).str.strip().str.lower().isin(["", "nan", "<na>"])).to_numpy()
+        bad &= ~missing
+        numbers[missing] = np.nan
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise UserError(f"{path}: column '{column}' has the value {str(values[row])!r} in data row {row + 1}; "
+                        f"expected {'numbers' if allow_missing else 'finite numbers (no NaN or empty cells)'}")
+    return numbers
+
+
+def _names(path, column, values):
+    names = values.astype(str).str.strip().reset_index(drop=True)
+    empty = (names == "") | values.isna().reset_index(drop=True)
+    if empty.any():
+        row = int(np.flatnonzero(empty.to_numpy())[0])
+        raise UserError(f"{path}: column '{column}' is empty in data row {row + 1}; expected a micrograph name")
+    return names
+
+
+def _read_star(path, micrograph):
+    try:
+        blocks = starfile.read(path, always_dict=True, parse_as_string=["rlnMicrographName"])
+    except Exception as exc:
+        raise UserError(f"{path}: cannot be parsed as STAR ({_one_line(exc)})") from None
+    block = None
+    for candidate in blocks.values():
+        if isinstance(candidate, dict):  # a single particle written as key-value pairs
+            candidate = pd.DataFrame({k: [v] for k, v in candidate.items()})
+        if {"rlnCoordinateX", "rlnCoordinateY"} <= set(candidate.columns):
+            block = candidate
+            break
+    if block is None:
+        seen = sorted({str(c) for b in blocks.values() for c in (b.keys() if isinstance(b, dict) else b.columns)})
+        raise UserError(f"{path}: no STAR data block with rlnCoordinateX and rlnCoordinateY; found columns "
+                        f"{seen[:12] if seen else 'none'}; expected a particle or coordinate STAR file")
+    x = _numbers(path, "rlnCoordinateX", block["rlnCoordinateX"])
+    y = _numbers(path, "rlnCoordinateY", block["rlnCoordinateY"])
+    how = []
+    if "rlnMicrographName" in block.columns:
+        names = _names(path, "rlnMicrographName", block["rlnMicrographName"])
+        how.append("micrograph from 'rlnMicrographName'")
+    else:
+        names = micrograph if micrograph is not None else path.stem
+        how.append(f"micrograph '{names}' ({'given' if micrograph is not None else 'the file name'})")
+    how.append("x from 'rlnCoordinateX', y from 'rlnCoordinateY'")
+    score = None
+    if "rlnAutopickFigureOfMerit" in block.columns:
+        score = _numbers(path, "rlnAutopickFigureOfMerit", block["rlnAutopickFigureOfMerit"], allow_missing=True)
+        how.append("score from 'rlnAutopickFigureOfMerit'")
+    else:
+        how.append("no score column")
+    return _table(names, x, y, score), ", ".join(how)
+
+
+def _read_box(path, text, micrograph):
+    corners, sizes = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        try:
+            values = [float(v) for v in fields[:4]]
+        except ValueError:
+            values = []
+        if len(fields) < 4 or len(values) < 4 or not all(math.isfinite(v) for v in values):
+            raise UserError(f"{path}: line {number} is {line.strip()!r}; expected at least 4 numeric columns "
+                            f"(x_lowerleft y_lowerleft width height) in an EMAN BOX file")
+        corners.append(values[:2])
+        sizes.append(values[2:4])
+    corners, sizes = np.array(corners, dtype=np.float64), np.array(sizes, dtype=np.float64)
+    centres = corners + sizes / 2
+    name = micrograph if micrograph is not None else path.stem
+    how = (f"EMAN BOX (centre = corner + size/2), micrograph '{name}' "
+           f"({'given' if micrograph is not None else 'the file name'}), no score column")
+    return _table(name, centres[:, 0], centres[:, 1]), how
+
+
+def _find_column(header, accepted):
+    """Position of the first ``accepted`` name (case-insensitive) in ``header``, or None."""
+    lower = [h.lower() for h in header]
+    for name in accepted:
+        if name.lower() in lower:
+            return lower.index(name.lower())
+    return None
+
+
+def _read_table(path, text, sep, micrograph):
+    try:
+        # header=None: a data row longer than the header is an error, not a silent index column
+        raw = pd.read_csv(io.StringIO(text), sep=sep, header=None, dtype=str, keep_default_na=False)
+    except Exception as exc:  # ragged rows, bad quoting
+        raise UserError(f"{path}: cannot be parsed as a table ({_one_line(exc)})") from None
+    header = [str(h).strip() for h in raw.iloc[0]]
+    rows = raw.iloc[1:].reset_index(drop=True)
+    ix, iy = _find_column(header, X_NAMES), _find_column(header, Y_NAMES)
+    if ix is None or iy is None:
+        raise UserError(f"{path}: no x/y coordinate columns in the header {header}; expected a header row "
+                        f"with x from one of {', '.join(X_NAMES)} and y from one of {', '.join(Y_NAMES)}")
+    x = _numbers(path, header[ix], rows.iloc[:, ix])
+    y = _numbers(path, header[iy], rows.iloc[:, iy])
+    im, iscore = _find_column(header, MICROGRAPH_NAMES), _find_column(header, SCORE_NAMES)
+    if im is not None:
+        names = _names(path, header[im], rows.iloc[:, im])
+        how = [f"micrograph from '{header[im]}'"]
+    else:
+        names = micrograph if micrograph is not None else path.stem
+        how = [f"micrograph '{names}' ({'given' if micrograph is not None else 'the file name'})"]
+    how.append(f"x from '{header[ix]}', y from '{header[iy]}'")
+    score = None
+    if iscore is not None:
+        score = _numbers(path, header[iscore], rows.iloc[:, iscore], allow_missing=True)
+        how.append(f"score from '{header[iscore]}'")
+    else:
+        how.append("no score column")
+    return _table(names, x, y, score), ", ".join(how)
+
+
+# ----------------------------------------------------------------------------- writing coordinates
+def write_star(path, df):
+    """Write ``df`` (micrograph, x, y[, score]) as one STAR loop, atomically.
+
+    Columns ``_rlnMicrographName _rlnCoordinateX _rlnCoordinateY _rlnAutopickFigureOfMerit``;
+    the score column is left out when ``df`` has none or all its scores are NaN (single
+    missing scores are written as ``nan``). Numbers have 6 decimals.
+    """
+    block = pd.DataFrame({
+        "rlnMicrographName": df["micrograph"].astype(str).to_numpy(),
+        "rlnCoordinateX": df["x"].to_numpy(dtype=np.float64),
+        "rlnCoordinateY": df["y"].to_numpy(dtype=np.float64),
+    })
+    if "score" in df.columns and df["score"].notna().any():
+        block["rlnAutopickFigureOfMerit"] = df["score"].to_numpy(dtype=np.float64)
+    text = starfile.to_string(block, float_format="%.6f", na_rep="nan")
+    atomic_write(path, lambda f: f.write(text), mode="w")
+
+
+def _box_number(value):
+    text = f"{value:.2f}".rstrip("0").rstrip(".")
+    return "0" if text == "-0" else text
+
+
+def write_box(path, df, box_size):
+    """Write one micrograph's rows as an EMAN BOX file, atomically.
+
+    Each line is ``x-size/2 <tab> y-size/2 <tab> size <tab> size`` (the corner with the
+    smallest x and y, see :func:`read_coordinates`); numbers have at most 2 decimals with
+    trailing zeros and dot removed (306.5 -> ``306.5``, 306.0 -> ``306``). An empty ``df``
+    gives an empty file (EMAN's "no particles").
+    """
+    if not box_size > 0:
+        raise ValueError(f"box_size must be positive, got {box_size}")
+    if "micrograph" in df.columns and df["micrograph"].map(micrograph_key).nunique() > 1:
+        raise ValueError(f"write_box writes one micrograph, got {df['micrograph'].map(micrograph_key).nunique()}")
+    half, size = box_size / 2, _box_number(box_size)
+    lines = [f"{_box_number(x - half)}\t{_box_number(y - half)}\t{size}\t{size}\n"
+             for x, y in zip(df["x"].to_numpy(dtype=np.float64), df["y"].to_numpy(dtype=np.float64))]
+    atomic_write(path, lambda f: f.writelines(lines), mode="w")
+
+
+def write_csv(path, df):
+    """Write ``df`` as CSV with the header ``micrograph,x,y,score`` (NaN score = empty cell), atomically."""
+    out = pd.DataFrame({
+        "micrograph": df["micrograph"].astype(str).to_numpy(),
+        "x": df["x"].to_numpy(dtype=np.float64),
+        "y": df["y"].to_numpy(dtype=np.float64),
+        "score": df["score"].to_numpy(dtype=np.float64) if "score" in df.columns else np.nan,
+    })
+    atomic_write(path, lambda f: out.to_csv(f, index=False), mode="w")
+
+
+# ----------------------------------------------------------------------------- matching
+def check_coordinates(df, sizes, source, logger=None):
+    """Keep the rows of ``df`` that lie on a known micrograph; warn about the others.
+
+    ``sizes`` maps :func:`micrograph_key` -> ``(H, W)``. A row is kept when its key is in
+    ``sizes`` and its centre lies in ``[0, W) x [0, H)``. One warning line (naming
+    ``source``) each for rows dropped for an unknown micrograph (up to 3 names listed) and
+    for rows outside their micrograph (one example). UserError when no row has a known
+    micrograph. Returns a copy with a new index and an extra column ``key``.
+    """
+    log = logger if logger is not None else logging.getLogger(__name__)  # the argument hides the module's
+    keys = df["micrograph"].map(micrograph_key).astype(str)
+    known = keys.isin(list(sizes)).to_numpy()
+    if not known.any():
+        ours = list(dict.fromkeys(keys))[:3]
+        theirs = list(sizes)[:3]
+        raise UserError(f"{source}: no coordinate's micrograph name matches a micrograph ({len(df)} rows, "
+                        f"names like {ours}); expected names among the micrographs, like {theirs}")
+    if not known.all():
+        unknown = list(dict.fromkeys(keys[~known]))
+        shown = ", ".join(repr(k) for k in unknown[:3]) + (", ..." if len(unknown) > 3 else "")
+        log.warning("%s: dropped %d of %d coordinates whose micrograph is not among the micrographs "
+                    "(%d names: %s)", source, int((~known).sum()), len(df), len(unknown), shown)
+    h = np.array([sizes[k][0] if ok else 0 for k, ok in zip(keys, known)], dtype=np.float64)
+    w = np.array([sizes[k][1] if ok else 0 for k, ok in zip(keys, known)], dtype=np.float64)
+    x, y = df["x"].to_numpy(dtype=np.float64), df["y"].to_numpy(dtype=np.float64)
+    inside = (x >= 0) & (x < w) & (y >= 0) & (y < h)
+    outside = known & ~inside
+    if outside.any():
+        i = int(np.flatnonzero(outside)[0])
+        log.warning("%s: dropped %d coordinates outside their micrograph, e.g. x=%g, y=%g on '%s' "
+                    "(width %d, height %d)", source, int(outside.sum()), x[i], y[i], df["micrograph"].iloc[i],
+                    int(w[i]), int(h[i]))
+    out = df[known & inside].copy()
+    out["key"] = keys[known & inside].to_numpy()
+    return out.reset_index(drop=True)
