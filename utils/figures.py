@@ -38,3 +38,69 @@ def confusion_matrix_image(matrix, class_names=None, cell=48):
             draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=colour, outline=(200, 200, 200))
             draw.text((x0 + 6, y0 + cell // 2 - 6), str(m[i, j]), fill="white" if f > 0.5 else "black", font=font)
     return np.asarray(img)
+
+
+# Line colours of pr_curve_image, in the order of the curves (repeated when there are more).
+CURVE_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189),
+                 (140, 86, 75), (227, 119, 194), (127, 127, 127))
+
+
+def pr_curve_image(curves, title="", size=(480, 400)):
+    """Render precision-recall curves as ``[H, W, 3]`` uint8 (``size`` = (W, H) pixels).
+
+    ``curves`` maps a legend label to ``(recall, precision)`` sequences (same length, values in
+    0..1; NaN points are skipped). Axes run 0..1 with gridlines every 0.1, recall along x and
+    precision up y; each curve is a line in its own colour (a one-point curve is a dot), listed
+    in a legend at the lower left (where PR curves rarely go). Curves are drawn in the order given.
+    """
+    width, height = size
+    font = ImageFont.load_default()
+    left, right, top, bottom = 44, 12, 28, 36
+    plot_w, plot_h = width - left - right, height - top - bottom
+    if plot_w < 10 or plot_h < 10:
+        raise ValueError(f"size {size} leaves no room for the plot")
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+
+    def to_px(r, p):
+        return left + r * plot_w, top + (1 - p) * plot_h
+
+    for i in range(11):
+        v = i / 10
+        x, _ = to_px(v, 0)
+        _, y = to_px(0, v)
+        grid = (225, 225, 225) if i not in (0, 10) else (0, 0, 0)
+        draw.line([(x, top), (x, top + plot_h)], fill=grid)
+        draw.line([(left, y), (left + plot_w, y)], fill=grid)
+        if i % 2 == 0:
+            draw.text((x - 8, top + plot_h + 4), f"{v:.1f}", fill="black", font=font)
+            draw.text((left - 26, y - 6), f"{v:.1f}", fill="black", font=font)
+    draw.text((left + plot_w // 2 - 18, height - 16), "recall", fill="black", font=font)
+    draw.text((2, 4), "precision", fill="black", font=font)
+    if title:
+        title = str(title)
+        draw.text((left + (plot_w - draw.textlength(title, font=font)) / 2, 4), title, fill="black", font=font)
+
+    for n, (label, (recall, precision)) in enumerate(curves.items()):
+        colour = CURVE_COLOURS[n % len(CURVE_COLOURS)]
+        r = np.asarray(recall, dtype=float).reshape(-1)
+        p = np.asarray(precision, dtype=float).reshape(-1)
+        if len(r) != len(p):
+            raise ValueError(f"curve {label!r}: {len(r)} recall values but {len(p)} precision values")
+        ok = np.isfinite(r) & np.isfinite(p)
+        points = [to_px(float(a), float(b)) for a, b in zip(np.clip(r[ok], 0, 1), np.clip(p[ok], 0, 1))]
+        if len(points) == 1:
+            x, y = points[0]
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        elif points:
+            draw.line(points, fill=colour, width=2)
+    if curves:  # legend last, on white, so no curve hides it
+        labels = [str(label) for label in curves]
+        box_w = 34 + max(int(draw.textlength(s, font=font)) for s in labels)
+        box_top = top + plot_h - 16 * len(labels) - 8
+        draw.rectangle([left + 4, box_top, left + 4 + box_w, top + plot_h - 4], fill="white", outline=(160, 160, 160))
+        for n, label in enumerate(labels):
+            ly = box_top + 4 + 16 * n
+            draw.rectangle([left + 10, ly + 3, left + 24, ly + 9], fill=CURVE_COLOURS[n % len(CURVE_COLOURS)])
+            draw.text((left + 30, ly), label, fill="black", font=font)
+    return np.asarray(img)
