@@ -7,7 +7,9 @@ Families and where they go (where the configs look by default):
   ana         <out>/images/*.png + <out>/annotations.csv   (config.py, multi-label)
   ana_single  <out>/ana_single/...                          (config_single.py, one label each)
   cryoem      <out>/cryoem/preprocessed_data.pt              (configs/pu_selective_fixmatch.yaml)
-A marker file (``.ana_demo``, ``.cryoem_demo``) in each folder records the generator
+  micrographs <out>/micrographs/micrographs/*.{mrc,png,tif} + coordinates.star/.csv
+              (whole generated micrographs for preprocess_cryoem.py -> pick_particles.py)
+A marker file (``.ana_demo``, ``.cryoem_demo``, ``.micrographs_demo``) in each folder records the generator
 arguments: a second run with the same arguments returns at once, and foreign data (no marker)
 is never overwritten without ``--force``.
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from datasets.synthetic_ana import generate_ana_demo
 from datasets.synthetic_cryoem import generate_cryoem_demo
+from datasets.synthetic_micrographs import generate_micrograph_demo
 from utils.errors import UserError, exit_on_user_error
 
 MARKER_FORMAT = 1  # bump when the generator's output changes, so old demos get rebuilt
@@ -26,7 +29,7 @@ MARKER_FORMAT = 1  # bump when the generator's output changes, so old demos get 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--family", choices=["ana", "ana_single", "cryoem", "all"], default="all",
+    p.add_argument("--family", choices=["ana", "ana_single", "cryoem", "micrographs", "all"], default="all",
                    help="which demo dataset(s) to write (default: all)")
     p.add_argument("--out", default="./data", help="output directory (default: ./data)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -41,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nUnlabeled", type=int, default=1000,
                    help="cryoem: unlabelled patches, particles at the prior rate (default: 1000)")
     p.add_argument("--nEval", type=int, default=200, help="cryoem: labelled val and test patches, each (default: 200)")
+    p.add_argument("--nMicrographs", type=int, default=4,
+                   help="micrographs: how many (the demo trains on all but the last) (default: 4)")
+    p.add_argument("--micrographSize", type=int, default=384, help="micrographs: side in px (default: 384)")
     p.add_argument("--patchSize", type=int, default=64, help="cryoem: patch side in px (default: 64)")
     p.add_argument("--prior", type=float, default=0.3,
                    help="cryoem: fraction of particles among the unlabelled patches (default: 0.3)")
@@ -111,12 +117,28 @@ def _make_cryoem(args: argparse.Namespace) -> Path:
     return out
 
 
+def _make_micrographs(args: argparse.Namespace) -> Path:
+    """Generated micrographs with particle coordinates in <out>/micrographs/ (marker .micrographs_demo)."""
+    out = Path(args.out) / "micrographs"
+    marker = out / ".micrographs_demo"
+    gen_args = dict(n_micrographs=args.nMicrographs, size=args.micrographSize, seed=args.seed)
+    record = {"format": MARKER_FORMAT, **gen_args}
+    existing = out / "coordinates.star"
+    if not _write_once(existing if existing.exists() else None, marker, record, args.force, "micrograph", out,
+                       lambda: generate_micrograph_demo(out, **gen_args)):
+        return out
+    print(f"Wrote micrograph demo: {args.nMicrographs} micrographs of {args.micrographSize} px with particle "
+          f"coordinates -> {out}")
+    return out
+
+
 def _make_ana_single(args: argparse.Namespace) -> Path:
     """Single-label ANA demo (one pattern per image) in <out>/ana_single/, for main_single.py."""
     return _make_ana(args, Path(args.out) / "ana_single", max_labels=1, title="single-label ANA")
 
 
-FAMILIES = {"ana": _make_ana, "ana_single": _make_ana_single, "cryoem": _make_cryoem}  # name -> writer(args) returning its data path
+FAMILIES = {"ana": _make_ana, "ana_single": _make_ana_single, "cryoem": _make_cryoem,
+            "micrographs": _make_micrographs}  # name -> writer(args) returning its data path
 
 
 @exit_on_user_error

@@ -13,25 +13,41 @@ class FixMatchPUModel(nn.Module):
 
     - ``trunk``: a torchvision ResNet-18/34/50 up to ``layer4`` with a 1-channel ``conv1``
       (:func:`models.backbones.build_resnet_trunk`); ``[B, 1, S, S] -> [B, F, h, w]``.
-    - global average pool over ``h, w``, then
+    - average pool over ``h, w`` (with ``context > 0``: over the central features only, below),
     - ``head``: ``nn.Sequential(Dropout(dropout), Linear(F, 1))``.
 
     ``forward`` returns logits of shape ``[B]``. ``trunk`` and ``head`` stay separate attributes
     so that dense inference can run the trunk over a whole micrograph, pool feature-map windows
-    and apply ``head`` to each.
+    and apply ``head`` to each (models/dense.py).
+
+    ``context`` (pixels, a multiple of the trunk stride 32; default 0): the input patch is the
+    classified window plus ``context`` pixels of real surroundings on every side, and only the
+    features of the central window are pooled (the outer ``context / 32`` feature rows and
+    columns are dropped). The trunk then computes the window's features from real pixels
+    beyond the window's edge, as it does when it runs densely over a whole micrograph, so the
+    dense map agrees with this classifier instead of with one that saw zero padding there.
     """
 
-    def __init__(self, backbone="resnet18", dropout=0.0, pretrained=False, weights_file=None):
+    def __init__(self, backbone="resnet18", dropout=0.0, pretrained=False, weights_file=None, context=0):
         super().__init__()
+        if context < 0 or context % 32:
+            raise ValueError(f"context must be a non-negative multiple of 32 px, got {context!r}")
         self.trunk, self.num_features = build_resnet_trunk(backbone, in_channels=1, pretrained=pretrained,
                                                            weights_file=weights_file)
         self.backbone = backbone
+        self.context = int(context)
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.num_features, 1))
 
     def forward(self, x):
-        """Logits ``[B]`` for grey patches ``x`` of shape ``[B, 1, S, S]``."""
-        features = self.trunk(x).mean(dim=(2, 3))  # global average pool -> [B, F]
-        return self.head(features).squeeze(1)
+        """Logits ``[B]`` for grey patches ``x`` of shape ``[B, 1, S, S]`` (``S`` includes the context)."""
+        features = self.trunk(x)
+        m = self.context // 32
+        if m:
+            if features.shape[-1] <= 2 * m or features.shape[-2] <= 2 * m:
+                raise ValueError(f"a {x.shape[-2]}x{x.shape[-1]} patch leaves no window inside a context of "
+                                 f"{self.context} px")
+            features = features[:, :, m:-m, m:-m]
+        return self.head(features.mean(dim=(2, 3))).squeeze(1)  # average pool -> [B, F] -> [B]
 
 
 def unwrap_model(model):

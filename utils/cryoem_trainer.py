@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from datasets.cryoem_dataset_pu import PUBatchSampler, load_pu_data
-from models.fixmatch_pu import EMATeacher, FixMatchPUModel
+from models.fixmatch_pu import EMATeacher, FixMatchPUModel, unwrap_model
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.cryoem_config import dump_config
 from utils.cryoem_engine import StepParams, evaluate, train_one_epoch
@@ -83,6 +83,25 @@ def _flatten(cfg, prefix=""):
 
 def _fmt(value, spec=".4f"):
     return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def _data_context(data):
+    """``metadata.context`` of the data (px of surroundings around the classified window; 0 when absent)."""
+    context = data.metadata.get("context", 0) if isinstance(data.metadata, dict) else 0
+    if isinstance(context, bool) or not isinstance(context, int) or context < 0 or context % 32 \
+            or data.patch_size - 2 * context < 32:
+        raise UserError(f"{data.files[0] if data.files else 'the data'}: metadata.context is {context!r}, expected a "
+                        f"multiple of 32 px leaving a window of at least 32 px in the {data.patch_size} px patches")
+    return context
+
+
+def _heldout_note(data):
+    """"; val is a positive-vs-unlabelled hold-out" (and/or test), or "" when both are labelled sets."""
+    names = [name for name in ("val", "test") if getattr(data, name) is not None and getattr(data, name).heldout]
+    if not names:
+        return ""
+    return f"; {'/'.join(names)} {'are' if len(names) > 1 else 'is a'} positive-vs-unlabelled hold-out" \
+        + ("s" if len(names) > 1 else "")
 
 
 def _resolve_prior(cfg, data):
@@ -198,8 +217,9 @@ def run(cfg, args):
     sampler = PUBatchSampler(data.n_pos, data.n_unl, cfg["training"]["batch_size"],
                              ratio=tuple(data_cfg["batch_ratio"]), seed=seed)
     model_cfg = cfg["model"]
+    context = _data_context(data)
     student = FixMatchPUModel(model_cfg["backbone"], dropout=model_cfg["dropout"],
-                              pretrained=model_cfg["pretrained"]).to(device)
+                              pretrained=model_cfg["pretrained"], context=context).to(device)
 
     # every input is checked: from here on the run directory is written
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -247,7 +267,7 @@ def _train(cfg, state, device, data, prior, sampler, student, run_dir, logger, w
                 f"{counts['n_train_unlabeled']} unlabelled training patches of {counts['patch_size']} px; "
                 f"val {counts['n_val']} ({counts['n_val_positive']} positive), "
                 f"test {counts['n_test']} ({counts['n_test_positive']} positive)"
-                + ("; val/test are positive-vs-unlabelled hold-outs" if data.heldout else ""))
+                + _heldout_note(data))
     logger.info(f"prior {prior:g}" + (" (from the data's metadata)" if cfg["loss"]["prior"] == "auto" else "")
                 + f" | {len(sampler)} batches of {training['batch_size']} per epoch, ratio "
                 f"{data_cfg['batch_ratio'][0]}:{data_cfg['batch_ratio'][1]}"
@@ -321,7 +341,11 @@ def _train(cfg, state, device, data, prior, sampler, student, run_dir, logger, w
                 best_auc, best_epoch = (auc if improved else None), epoch
                 save_checkpoint({"model": teacher.model.state_dict(), "student": student.state_dict(), "config": cfg,
                                  "epoch": epoch, "val_metrics": val, "backbone": model_cfg["backbone"],
-                                 "patch_size": int(data.patch_size), "prior": prior}, run_dir / "best_model.pt")
+                                 "patch_size": int(data.patch_size), "prior": prior,
+                                 "context": unwrap_model(student).context,
+                                 # how the patches were made (downsampling, normalisation, particle
+                                 # radius): pick_particles.py prepares micrographs the same way
+                                 "data_metadata": to_json_safe(data.metadata)}, run_dir / "best_model.pt")
                 if fallback and not warned_nan_auc:
                     logger.info("val AUC is undefined (val is empty or holds one class only): best_model.pt holds "
                                 "the latest epoch and early stopping is off")

@@ -22,7 +22,7 @@ class _TqdmConsoleHandler(logging.StreamHandler):
 
 
 def setup_run_logger(name, log_file, console=True):
-    """Return a logger writing to ``log_file`` (appended) and to stderr.
+    """Return a logger writing to ``log_file`` (appended; ``None``: no file) and to stderr.
 
     The logger is specific to ``name`` (use the run directory) and does not propagate to the
     root logger; calling this again for the same name replaces its handlers, so repeated
@@ -33,9 +33,10 @@ def setup_run_logger(name, log_file, console=True):
     logger.propagate = False
     close_run_logger(logger)
     fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-    file_handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
-    file_handler.setFormatter(fmt)
-    logger.addHandler(file_handler)
+    if log_file is not None:
+        file_handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+        file_handler.setFormatter(fmt)
+        logger.addHandler(file_handler)
     if console:
         console_handler = _TqdmConsoleHandler(sys.stderr)
         console_handler.setFormatter(logging.Formatter("%(message)s"))

@@ -1,0 +1,398 @@
+"""Micrographs + particle coordinates -> the PU training files (SPEC_CRYOEM.md, "Data").
+
+Frames. Coordinates are particle centres in the ORIGINAL micrograph's pixels (x = column,
+y = row of the array as read, see :mod:`datasets.micrographs`). A micrograph of ``H x W``
+pixels downsampled by ``f`` becomes ``h x w = round(H/f) x round(W/f)`` pixels (antialiased
+bilinear, a low-pass filter as wide as the factor); with ``sy = H/h`` and ``sx = W/w`` pixel ``u`` of the small image covers
+original pixels ``[u*sx, (u+1)*sx)``, so its centre is at original ``x = (u + 0.5) * sx - 0.5``
+(:func:`to_original`), and the inverse is :func:`to_downsampled`. The classified window is
+``P x P`` pixels of the downsampled, normalised micrograph; the stored patch adds ``context``
+pixels on every side (``P + 2 * context``, see ``FixMatchPUModel.context``: it makes the dense
+picker agree with the patch classifier). "The patch centred on pixel c" covers
+``c - S/2 .. c + S/2 - 1`` per axis for a patch of side S, with zeros (the mean after
+z-scoring) beyond the micrograph's edge; ``models/dense.py`` uses the same convention, so a
+picked map cell maps back exactly. ``metadata.patch_size`` is the stored side, ``window_size``
+is ``P``.
+
+What is written (``run_preprocess``), from the training micrographs (all but val/test):
+
+* positives: patches centred on the LABELLED particles: a seeded random subset of each
+  micrograph's annotated particles (``labelled_fraction`` of them, at least 1, or
+  ``labelled_count``). The other annotated particles stay hidden in the unlabelled data, as in
+  a real PU setting where a user hand-picks a few particles per micrograph.
+* unlabelled: a sliding window of ``P x P`` patches, stride ``stride``, over the whole
+  micrograph (windows fully inside).
+* ``metadata.prior``: the class prior for ``loss.prior: auto``: the fraction of unlabelled
+  windows whose centre lies within ``positive_radius`` (default: half the particle radius) of
+  an annotated particle, over the training micrographs. This uses ALL annotated particles of
+  the coordinate file, so it is right when the file's annotation is complete (as in a
+  benchmark that hides most labels). When it is not (a real user's few picks), give
+  ``expected_particles`` per micrograph instead: prior = that number x the area of a
+  ``positive_radius`` disc / the micrograph's area (the estimate Topaz uses).
+
+From held-out micrographs (their annotation taken as complete): labelled ``val.pt`` /
+``test.pt``: label 1 for patches centred on every annotated particle, label 0 for sliding
+windows whose centre is farther than the particle radius from every annotated particle
+(windows in between are ambiguous and left out).
+
+Also written: ``labelled_positives.csv`` (the labelled particles, original frame: what a
+comparison method must be given) and ``preprocess.json`` (the metadata and the counts).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from scipy.spatial import cKDTree
+
+from datasets.micrographs import (check_coordinates, list_micrographs, micrograph_key, read_coordinates,
+                                  read_micrograph, write_csv)
+from utils.checkpoint import save_checkpoint
+from utils.errors import UserError
+from utils.results import to_json_safe, write_json
+
+NORMALIZATIONS = ("zscore", "none")
+DTYPES = {"float16": torch.float16, "float32": torch.float32}
+FORMAT_VERSION = 1
+DATA_FILES = ("preprocessed_data.pt", "val.pt", "test.pt", "labelled_positives.csv", "preprocess.json")
+
+
+# ----------------------------------------------------------------------------- image and frames
+def prepare_micrograph(array, downsample=1.0, normalization="zscore", device=None):
+    """A micrograph array ``[H, W]`` -> (float32 tensor ``[h, w]``, ``(sx, sy)``), see module docstring.
+
+    Downsampling is antialiased bilinear (``F.interpolate(..., antialias=True)``, any factor >= 1);
+    ``zscore`` then subtracts the mean and divides by the standard deviation of the
+    downsampled micrograph (per micrograph, so exposure differences between micrographs vanish).
+    """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    if not downsample >= 1:
+        raise ValueError(f"downsample must be >= 1, got {downsample!r}")
+    x = torch.as_tensor(np.ascontiguousarray(array), dtype=torch.float32, device=device)
+    H, W = x.shape
+    h, w = max(1, round(H / downsample)), max(1, round(W / downsample))
+    if (h, w) != (H, W):
+        # antialiased bilinear: a triangle filter as wide as the factor, centred on the
+        # output pixel's centre in the input, (u + 0.5) * scale - 0.5 (= to_original)
+        x = F.interpolate(x[None, None], size=(h, w), mode="bilinear", antialias=True, align_corners=False)[0, 0]
+    if normalization == "zscore":
+        std = x.std()
+        x = (x - x.mean()) / (std if std > 0 else 1.0)
+    return x.contiguous(), (W / w, H / h)
+
+
+def to_downsampled(xy, scale):
+    """Original-frame ``[N, 2]`` (x, y) -> downsampled-frame (u, v), floats (module docstring)."""
+    xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+    return (xy + 0.5) / np.asarray(scale, dtype=np.float64) - 0.5
+
+
+def to_original(uv, scale):
+    """Downsampled-frame ``[N, 2]`` (u, v) -> original-frame (x, y), floats (module docstring)."""
+    uv = np.asarray(uv, dtype=np.float64).reshape(-1, 2)
+    return (uv + 0.5) * np.asarray(scale, dtype=np.float64) - 0.5
+
+
+def crops_at(image, centres_rc, patch_size):
+    """``[N, P, P]`` patches of ``image [h, w]`` centred on integer pixels ``centres_rc [N, 2]`` (row, col).
+
+    The patch centred on ``c`` covers ``c - P/2 .. c + P/2 - 1``; outside the image reads 0.
+    """
+    centres = torch.as_tensor(np.asarray(centres_rc, dtype=np.int64).reshape(-1, 2), device=image.device)
+    half = patch_size // 2
+    padded = F.pad(image, (half, half, half, half))
+    offsets = torch.arange(patch_size, device=image.device)
+    rows = (centres[:, 0, None] + offsets)[:, :, None]  # + half - half: padded index of c - P/2 + i
+    cols = (centres[:, 1, None] + offsets)[:, None, :]
+    return padded[rows, cols]
+
+
+def window_centres(h, w, patch_size, stride):
+    """``[M, 2]`` int64 (row, col) centres of the sliding windows fully inside an ``h x w`` image."""
+    rows = np.arange(0, h - patch_size + 1, stride) + patch_size // 2
+    cols = np.arange(0, w - patch_size + 1, stride) + patch_size // 2
+    rr, cc = np.meshgrid(rows, cols, indexing="ij")
+    return np.stack([rr.ravel(), cc.ravel()], axis=1).astype(np.int64)
+
+
+def _nearest_distance(points_xy, targets_xy):
+    """Distance from each point to its nearest target (inf when there is no target)."""
+    if len(targets_xy) == 0:
+        return np.full(len(points_xy), np.inf)
+    return cKDTree(targets_xy).query(points_xy, k=1)[0]
+
+
+# ----------------------------------------------------------------------------- options
+@dataclass(frozen=True)
+class PreprocessOptions:
+    """What ``preprocess_cryoem.py`` exposes as flags (distances in original pixels)."""
+    particle_radius: float
+    patch_size: int = 128
+    context: int = 32
+    stride: int = 64
+    downsample: float = 1.0
+    labelled_fraction: float = 0.1
+    labelled_count: int | None = None
+    val_micrographs: tuple = ()
+    test_micrographs: tuple = ()
+    positive_radius: float | None = None
+    expected_particles: float | None = None
+    normalization: str = "zscore"
+    seed: int = 0
+    chunk_size: int = 20000
+    dtype: str = "float16"
+    extra: dict = field(default_factory=dict)
+
+    def check(self):
+        """UserError naming the flag for a value out of range."""
+        def bad(flag, value, expected):
+            raise UserError(f"{flag} is {value!r}, expected {expected}")
+        if not self.particle_radius > 0:
+            bad("--particle-radius", self.particle_radius, "a positive number of pixels")
+        if self.patch_size < 8 or self.patch_size % 2:
+            bad("--patch-size", self.patch_size, "an even number >= 8")
+        if self.context < 0 or self.context % 32:
+            bad("--context", self.context, "a non-negative multiple of 32 px (the trunk's stride)")
+        if self.stride < 1:
+            bad("--stride", self.stride, "a positive number of pixels")
+        if not self.downsample >= 1:
+            bad("--downsample", self.downsample, "a factor >= 1")
+        if self.labelled_count is None and not 0 < self.labelled_fraction <= 1:
+            bad("--labelled-fraction", self.labelled_fraction, "a fraction in (0, 1]")
+        if self.labelled_count is not None and self.labelled_count < 1:
+            bad("--labelled-count", self.labelled_count, "a positive number of particles per micrograph")
+        if self.positive_radius is not None and not self.positive_radius > 0:
+            bad("--positive-radius", self.positive_radius, "a positive number of pixels")
+        if self.expected_particles is not None and not self.expected_particles > 0:
+            bad("--expected-particles", self.expected_particles, "a positive number per micrograph")
+        if self.normalization not in NORMALIZATIONS:
+            bad("--normalize", self.normalization, f"one of {', '.join(NORMALIZATIONS)}")
+        if self.dtype not in DTYPES:
+            bad("--dtype", self.dtype, f"one of {', '.join(DTYPES)}")
+        if self.chunk_size < 1:
+            bad("--chunk-size", self.chunk_size, "a positive number of patches")
+
+    @property
+    def pos_radius(self):
+        return self.positive_radius if self.positive_radius is not None else self.particle_radius / 2
+
+
+# ----------------------------------------------------------------------------- the run
+def _roles(paths, opts):
+    """Micrograph key -> 'train' / 'val' / 'test'; names given for val/test must exist."""
+    keys = [micrograph_key(p.name) for p in paths]
+    roles = dict.fromkeys(keys, "train")
+    for role, names in (("val", opts.val_micrographs), ("test", opts.test_micrographs)):
+        flag = f"--{role}-micrographs"
+        for name in names:
+            key = micrograph_key(name)
+            if key not in roles:
+                raise UserError(f"{flag}: no micrograph named {name!r} among the inputs "
+                                f"(have {', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})")
+            if roles[key] != "train":
+                raise UserError(f"{flag}: micrograph {name!r} is already held out for {roles[key]}")
+            roles[key] = role
+    if "train" not in roles.values():
+        raise UserError("every micrograph is held out for val/test: leave at least one for training")
+    return roles
+
+
+def _labelled_subset(n, opts, rng):
+    """Indices of the annotated particles kept as labelled positives on one micrograph."""
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    k = opts.labelled_count if opts.labelled_count is not None else max(1, round(opts.labelled_fraction * n))
+    return np.sort(rng.choice(n, size=min(k, n), replace=False))
+
+
+class _ChunkWriter:
+    """Collects patches and writes ``chunk_NNN.pt`` files of about ``chunk_size`` patches."""
+
+    def __init__(self, folder, chunk_size, dtype):
+        self.folder, self.chunk_size, self.dtype = folder, chunk_size, dtype
+        self.pos, self.unl, self.n_buffered, self.files = [], [], 0, []
+        self.n_pos = self.n_unl = 0
+
+    def add(self, positive, unlabeled):
+        self.pos.append(positive.to("cpu", self.dtype))
+        self.unl.append(unlabeled.to("cpu", self.dtype))
+        self.n_pos += len(positive)
+        self.n_unl += len(unlabeled)
+        self.n_buffered += len(positive) + len(unlabeled)
+        while self.n_buffered >= self.chunk_size:
+            self.flush(self.chunk_size)
+
+    def flush(self, n=None):
+        """Write ``n`` buffered patches (positives first; all when ``n`` is None) as the next chunk."""
+        if not self.n_buffered:
+            return
+        pos, unl = torch.cat(self.pos), torch.cat(self.unl)
+        n = self.n_buffered if n is None else n
+        k = min(n, len(pos))
+        path = self.folder / f"chunk_{len(self.files):03d}.pt"
+        save_checkpoint({"patches": {"positive": pos[:k].clone(), "unlabeled": unl[:n - k].clone()}}, path)
+        self.files.append(path)
+        self.pos, self.unl = [pos[k:]], [unl[n - k:]]
+        self.n_buffered -= n
+
+    def finish(self, metadata):
+        """Write the rest; put ``metadata`` in every file; one file becomes preprocessed_data.pt."""
+        self.flush()
+        for path in self.files:
+            obj = torch.load(path, weights_only=True)
+            obj["metadata"] = metadata
+            save_checkpoint(obj, path)
+        if len(self.files) == 1:
+            target = self.folder / "preprocessed_data.pt"
+            os.replace(self.files[0], target)
+            self.files = [target]
+        return self.files
+
+
+def _install(tmp, out_dir):
+    """Move the new files from ``tmp`` into ``out_dir``, replacing the previous preprocessing."""
+    for old in list(out_dir.glob("chunk_*.pt")) + [out_dir / n for n in DATA_FILES]:
+        if old.exists() and not (tmp / old.name).exists():
+            old.unlink()
+    for new in sorted(tmp.iterdir()):
+        os.replace(new, out_dir / new.name)
+
+
+def existing_data(out_dir):
+    """Data files from an earlier preprocessing in ``out_dir`` (what ``--overwrite`` replaces)."""
+    out_dir = Path(out_dir)
+    return sorted(p.name for p in list(out_dir.glob("chunk_*.pt")) + [out_dir / n for n in DATA_FILES] if p.exists())
+
+
+def run_preprocess(micrograph_inputs, coordinates_path, out_dir, opts, logger=None, overwrite=False):
+    """Write the training files for ``micrograph_inputs`` + ``coordinates_path`` into ``out_dir``.
+
+    Returns the summary that is also written to ``preprocess.json``. Everything is written to
+    a temporary folder inside ``out_dir`` first and moved into place at the end, so an error
+    (bad input found late) leaves an earlier preprocessing untouched.
+    """
+    log = logger or logging.getLogger(__name__)
+    opts.check()
+    out_dir = Path(out_dir)
+    if existing_data(out_dir) and not overwrite:
+        raise UserError(f"{out_dir} already holds preprocessed data ({', '.join(existing_data(out_dir)[:3])}); "
+                        f"pass --overwrite to replace it or choose another --output-dir")
+    paths = list_micrographs(micrograph_inputs)
+    roles = _roles(paths, opts)
+    coords, info = read_coordinates(coordinates_path)
+    log.info(info)
+
+    images, sizes = {}, {}
+    for path in paths:  # read once up front: an unreadable file fails before anything is written
+        arr = read_micrograph(path)
+        sizes[micrograph_key(path.name)] = arr.shape
+        del arr
+    coords = check_coordinates(coords, sizes, str(coordinates_path), log)
+    by_key = {k: g[["x", "y"]].to_numpy(np.float64) for k, g in coords.groupby("key", sort=False)}
+
+    rng = np.random.default_rng(opts.seed)
+    dtype = DTYPES[opts.dtype]
+    P = opts.patch_size
+    full = P + 2 * opts.context  # stored patch: the window and its context on every side
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".preprocess-", dir=out_dir))
+    try:
+        writer = _ChunkWriter(tmp, opts.chunk_size, dtype)
+        held = {"val": {"patches": [], "labels": []}, "test": {"patches": [], "labels": []}}
+        per_mic, labelled_rows, prior_num, prior_den = {}, [], 0, 0
+        for path in paths:
+            key = micrograph_key(path.name)
+            image, scale = prepare_micrograph(read_micrograph(path), opts.downsample, opts.normalization)
+            h, w = image.shape
+            if h < P or w < P:
+                raise UserError(f"{path}: {w}x{h} px after downsampling by {opts.downsample:g} is smaller than "
+                                f"--patch-size {P}")
+            xy = by_key.get(key, np.zeros((0, 2)))
+            centres = window_centres(h, w, P, opts.stride)
+            win_xy = to_original(centres[:, ::-1], scale)
+            dist = _nearest_distance(win_xy, xy)
+            particle_rc = np.rint(to_downsampled(xy, scale)[:, ::-1]).astype(np.int64)
+            role = roles[key]
+            stats = {"role": role, "size": [int(sizes[key][1]), int(sizes[key][0])], "n_annotated": len(xy)}
+            if role == "train":
+                keep = _labelled_subset(len(xy), opts, rng)
+                writer.add(crops_at(image, particle_rc[keep], full), crops_at(image, centres, full))
+                for x, y in xy[keep]:
+                    labelled_rows.append((path.name, float(x), float(y)))
+                if opts.expected_particles is None:
+                    prior_num += int((dist <= opts.pos_radius).sum())
+                    prior_den += len(centres)
+                else:
+                    frac = opts.expected_particles * math.pi * opts.pos_radius ** 2 / (sizes[key][0] * sizes[key][1])
+                    prior_num, prior_den = prior_num + min(frac, 1.0), prior_den + 1
+                stats.update(n_labelled=len(keep), n_unlabeled=len(centres))
+                if len(xy) == 0:
+                    log.warning("%s: no annotated particle in %s: it gives unlabelled patches only",
+                                path, coordinates_path)
+            else:
+                neg = centres[dist > opts.particle_radius]
+                patches = torch.cat([crops_at(image, particle_rc, full), crops_at(image, neg, full)])
+                held[role]["patches"].append(patches.to("cpu", dtype))
+                held[role]["labels"].append(torch.cat([torch.ones(len(particle_rc)), torch.zeros(len(neg))]))
+                stats.update(n_positive=len(particle_rc), n_negative=len(neg))
+                if len(xy) == 0:
+                    log.warning("%s is held out for %s but has no annotated particle in %s: all its patches are "
+                                "labelled 0", path, role, coordinates_path)
+            per_mic[path.name] = stats
+            log.info("%s (%s): %s", path.name, role, ", ".join(f"{k} {v}" for k, v in stats.items() if k != "role"))
+            del image
+
+        if writer.n_pos == 0:
+            raise UserError(f"no labelled positive: no annotated particle of {coordinates_path} lies on a training "
+                            f"micrograph")
+        prior = prior_num / prior_den if prior_den else float("nan")
+        if prior == 0 and opts.expected_particles is None:
+            raise UserError(f"no unlabelled window is centred within {opts.pos_radius:g} px (--positive-radius) of an "
+                            f"annotated particle, so the prior estimate is 0: use a smaller --stride or a larger "
+                            f"--positive-radius")
+        if not 0 < prior < 1:
+            raise UserError(f"the prior estimate is {prior:g}, expected a value in (0, 1): check --particle-radius "
+                            f"/ --positive-radius / --expected-particles")
+        metadata = to_json_safe({
+            "format_version": FORMAT_VERSION, "tool": "preprocess_cryoem.py",
+            "patch_size": full, "window_size": P, "context": opts.context, "stride": opts.stride, "downsample": float(opts.downsample),
+            "normalization": opts.normalization, "particle_radius": float(opts.particle_radius),
+            "positive_radius": float(opts.pos_radius), "prior": float(prior),
+            "prior_method": ("expected_particles" if opts.expected_particles is not None
+                             else "annotated coordinates: fraction of unlabelled windows within positive_radius"),
+            "expected_particles": opts.expected_particles,
+            "labelled_fraction": None if opts.labelled_count is not None else float(opts.labelled_fraction),
+            "labelled_count": opts.labelled_count, "seed": opts.seed, "dtype": opts.dtype,
+            "coordinates": str(coordinates_path),
+            "source_micrographs": [p.name for p in paths if roles[micrograph_key(p.name)] == "train"],
+            "val_micrographs": [p.name for p in paths if roles[micrograph_key(p.name)] == "val"],
+            "test_micrographs": [p.name for p in paths if roles[micrograph_key(p.name)] == "test"],
+        })
+        files = writer.finish(metadata)
+        for role, parts in held.items():
+            if parts["patches"]:
+                save_checkpoint({"patches": torch.cat(parts["patches"]), "labels": torch.cat(parts["labels"])},
+                                tmp / f"{role}.pt")
+        write_csv(tmp / "labelled_positives.csv",
+                  pd.DataFrame(labelled_rows, columns=["micrograph", "x", "y"]).assign(score=np.nan))
+        summary = {"metadata": metadata, "micrographs": per_mic,
+                   "n_positive": writer.n_pos, "n_unlabeled": writer.n_unl,
+                   "files": [p.name for p in files] + [f"{r}.pt" for r in held if held[r]["patches"]],
+                   "options": to_json_safe({k: v for k, v in asdict(opts).items() if k != "extra"})}
+        write_json(tmp / "preprocess.json", summary)
+        _install(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("wrote %s to %s: %d labelled positives, %d unlabelled patches, prior %.4f (%s)",
+             ", ".join(summary["files"]), out_dir, writer.n_pos, writer.n_unl, prior, metadata["prior_method"])
+    return summary

@@ -1,0 +1,132 @@
+"""models/dense.py: the dense probability map against the crop-by-crop classifier."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from datasets.cryoem_preprocess import crops_at, to_original
+from models.dense import check_geometry, map_shape, probability_map
+from models.fixmatch_pu import FixMatchPUModel
+from utils import particle_picker
+from utils.particle_picker import PickSettings, pick_micrograph
+
+
+def _local_model(seed=0, features=6, context=0):
+    """A FixMatchPUModel whose trunk sees only its own 32 x 32 block (stride 32, no padding):
+    dense and crop inference must then agree to float precision."""
+    torch.manual_seed(seed)
+    m = FixMatchPUModel("resnet18", dropout=0.5, context=context)
+    m.trunk = nn.Sequential(nn.Conv2d(1, features, 32, stride=32), nn.ReLU(), nn.Conv2d(features, features, 1))
+    m.head = nn.Sequential(nn.Dropout(0.5), nn.Linear(features, 1))
+    return m
+
+
+@pytest.mark.parametrize("patch, stride, shape, context", [
+    (32, 32, (100, 70), 0), (64, 16, (90, 131), 0), (64, 8, (77, 64), 0), (96, 32, (128, 128), 0),
+    (96, 16, (100, 90), 32), (128, 8, (70, 75), 32), (160, 32, (130, 100), 64)])
+def test_dense_equals_crops_for_a_local_trunk(patch, stride, shape, context):
+    model = _local_model(context=context)
+    model.train()  # probability_map must switch dropout off and restore the mode
+    img = torch.randn(*shape)
+    dense = probability_map(model, img, patch, stride, "dense")
+    crops = probability_map(model, img, patch, stride, "crops", batch_size=17)
+    assert dense.shape == crops.shape == map_shape(*shape, stride)
+    torch.testing.assert_close(dense, crops, atol=1e-5, rtol=0)
+    assert model.training
+
+
+def test_crop_map_cell_is_the_classifier_on_the_patch_centred_there():
+    model = _local_model(seed=1).eval()
+    img = torch.randn(70, 90)
+    prob = probability_map(model, img, 32, 8, "crops")
+    for a, b in [(0, 0), (3, 5), (8, 11)]:  # centre pixel (row, col) = (8a, 8b)
+        patch = crops_at(img, [[8 * a, 8 * b]], 32)[None]
+        with torch.no_grad():
+            expect = torch.sigmoid(model(patch))[0]
+        assert float(prob[a, b]) == pytest.approx(float(expect), abs=1e-6)
+
+
+def test_resnet_dense_map_tracks_the_crop_map():
+    # a real ResNet trunk sees real neighbours densely and zero padding in a crop, so the two
+    # maps differ near patch borders; on a smooth, structured image they must still rank the
+    # same places high (measured: the difference is the border effect, not a shift of the grid)
+    torch.manual_seed(0)
+    model = FixMatchPUModel("resnet18").eval()
+    yy, xx = torch.meshgrid(torch.arange(160.0), torch.arange(160.0), indexing="ij")
+    img = torch.zeros(160, 160)
+    for cy, cx in [(40, 40), (40, 120), (120, 80)]:
+        img -= torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 80.0) * 3
+    dense = probability_map(model, img, 64, 16, "dense")
+    crops = probability_map(model, img, 64, 16, "crops")
+    corr = np.corrcoef(dense.flatten().numpy(), crops.flatten().numpy())[0, 1]
+    assert corr > 0.5
+    # a one-cell misregistration of the grid would correlate far worse than the real alignment
+    shifted = np.corrcoef(dense[:, 1:].flatten().numpy(), crops[:, :-1].flatten().numpy())[0, 1]
+    assert corr > shifted
+
+
+def test_context_pools_the_central_window_only():
+    # with context 32 a 96 px input has 3 x 3 trunk features; only the centre one is pooled
+    model = _local_model(context=32).eval()
+    x = torch.randn(2, 1, 96, 96)
+    with torch.no_grad():
+        centre = model.head(model.trunk(x)[:, :, 1, 1]).squeeze(1)
+        assert torch.allclose(model(x), centre, atol=1e-6)
+        x2 = x.clone()
+        x2[:, :, :32] = 5.0  # changing the context rows changes nothing for this local trunk
+        assert torch.allclose(model(x2), centre, atol=1e-6)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        FixMatchPUModel("resnet18", context=16)
+
+
+def test_context_brings_the_resnet_dense_map_closer_to_the_crops():
+    # the same random ResNet-18 weights, classifying 64 px windows: bare (64 px crops) or with
+    # 32 px of context (128 px crops, central 2 x 2 features pooled). Densely, both pool the
+    # same features; the crops with context see real pixels where bare ones see zero padding
+    torch.manual_seed(0)
+    bare = FixMatchPUModel("resnet18").eval()
+    ctx = FixMatchPUModel("resnet18", context=32).eval()
+    ctx.load_state_dict(bare.state_dict())
+    img = torch.randn(192, 192)
+    img = torch.nn.functional.avg_pool2d(img[None, None], 5, 1, 2)[0, 0] * 4  # some spatial structure
+    gaps = {}
+    for name, model, patch in (("bare", bare, 64), ("context", ctx, 128)):
+        dense = probability_map(model, img, patch, 16, "dense")
+        crops = probability_map(model, img, patch, 16, "crops")
+        gaps[name] = float(torch.logit(dense).sub(torch.logit(crops)).abs().mean())
+    print(gaps)
+    assert gaps["context"] < 0.5 * gaps["bare"]
+
+
+def test_geometry_checks():
+    check_geometry(128, 32)
+    check_geometry(64, 8)
+    with pytest.raises(ValueError, match="divisible by the trunk stride"):
+        check_geometry(48, 16)
+    with pytest.raises(ValueError, match="must divide the trunk stride"):
+        check_geometry(64, 12)
+    with pytest.raises(ValueError, match="mode must be"):
+        probability_map(_local_model(), torch.zeros(40, 40), 32, 32, "sparse")
+
+
+def test_picks_come_back_in_the_original_frame(monkeypatch):
+    # a hand-made map with peaks at cells (row a, col b) = (3, 5) and (9, 2), map stride 8,
+    # downsampling 2 of a 200 x 240 micrograph (scale 2 on both axes): the cell centres are
+    # downsampled pixels (u, v) = (8b, 8a) -> original x = (u + 0.5) * 2 - 0.5
+    def fake_map(model, image, patch_size, stride, mode, batch_size):
+        assert image.shape == (100, 120) and stride == 8
+        m = torch.zeros(map_shape(100, 120, 8))
+        m[3, 5], m[9, 2] = 0.9, 0.7
+        return m
+
+    monkeypatch.setattr(particle_picker, "probability_map", fake_map)
+    settings = PickSettings(threshold=0.5, min_distance=20, downsample=2, normalization="zscore",
+                            patch_size=32, stride=8)
+    array = np.random.default_rng(0).normal(size=(200, 240)).astype(np.float32)
+    picks, _, _ = pick_micrograph(None, array, settings, torch.device("cpu"), name="m.mrc")
+    expect = to_original([[40, 24], [16, 72]], (2, 2))
+    np.testing.assert_allclose(picks[["x", "y"]].to_numpy(), expect)
+    np.testing.assert_allclose(expect, [[80.5, 48.5], [32.5, 144.5]])
+    assert list(picks["score"]) == pytest.approx([0.9, 0.7]) and set(picks["micrograph"]) == {"m.mrc"}
+    assert isinstance(picks, pd.DataFrame)

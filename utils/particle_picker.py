@@ -1,0 +1,145 @@
+"""Pick particles on whole micrographs with a trained classifier (SPEC_CRYOEM.md, "Picking").
+
+One micrograph: read -> downsample + normalise exactly as the training patches were made
+(the checkpoint's ``data_metadata``, written by preprocess_cryoem.py) -> probability map
+(:func:`models.dense.probability_map`) -> local maxima above a threshold + non-maximum
+suppression (:func:`utils.picking.find_peaks`) -> centres in the ORIGINAL micrograph's pixel
+frame (:func:`datasets.cryoem_preprocess.to_original`), whatever the downsampling.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, ImageDraw
+
+from datasets.cryoem_preprocess import NORMALIZATIONS, prepare_micrograph, to_original
+from models.dense import check_geometry, probability_map
+from models.fixmatch_pu import FixMatchPUModel
+from utils.checkpoint import load_checkpoint
+from utils.errors import UserError
+from utils.picking import find_peaks
+
+
+@dataclass(frozen=True)
+class PickSettings:
+    """How to pick; distances in original micrograph pixels, ``stride`` in downsampled pixels."""
+    threshold: float
+    min_distance: float
+    downsample: float
+    normalization: str
+    patch_size: int
+    stride: int = 32
+    mode: str = "dense"
+    batch_size: int = 256
+
+
+def load_picker(path, device, which="model"):
+    """``(model in eval mode, checkpoint dict)`` from a ``best_model.pt`` of the CryoEM trainer.
+
+    ``which``: ``"model"`` (the EMA teacher, evaluated during training) or ``"student"``.
+    """
+    try:
+        ckpt = load_checkpoint(path, map_location="cpu")
+    except UserError:
+        raise
+    except FileNotFoundError:
+        raise UserError(f"{path}: checkpoint not found") from None
+    except Exception as exc:  # not a torch file, or not loadable with weights_only
+        raise UserError(f"{path}: not a readable checkpoint ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    missing = [k for k in (which, "backbone", "patch_size") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise UserError(f"{path}: missing key(s) {', '.join(missing)}; expected a best_model.pt written by "
+                        f"train_pu_selective_fixmatch.py")
+    model = FixMatchPUModel(ckpt["backbone"], context=int(ckpt.get("context", 0)))
+    try:
+        model.load_state_dict(ckpt[which])
+    except RuntimeError as exc:
+        raise UserError(f"{path}: '{which}' does not fit backbone {ckpt['backbone']}: "
+                        f"{str(exc).strip().splitlines()[-1].strip()}") from None
+    return model.to(device).eval(), ckpt
+
+
+def resolve_settings(ckpt, path, threshold, min_distance=None, downsample=None, normalization=None, stride=32,
+                     mode="dense", batch_size=256):
+    """Fill what the flags leave open from the checkpoint's ``data_metadata``; UserError naming the flag."""
+    meta = ckpt.get("data_metadata") or {}
+    if downsample is None:
+        downsample = meta.get("downsample", 1.0)
+    if normalization is None:
+        normalization = meta.get("normalization", "zscore")
+    if min_distance is None:
+        min_distance = meta.get("particle_radius")
+        if min_distance is None:
+            raise UserError(f"{path}: its data metadata hold no particle_radius (data not made by "
+                            f"preprocess_cryoem.py); pass --min-distance")
+    if not downsample >= 1:
+        raise UserError(f"--downsample is {downsample!r}, expected a factor >= 1")
+    if normalization not in NORMALIZATIONS:
+        raise UserError(f"--normalize is {normalization!r}, expected one of {', '.join(NORMALIZATIONS)}")
+    if not min_distance > 0:
+        raise UserError(f"--min-distance is {min_distance!r}, expected a positive number of pixels")
+    if not 0 <= threshold <= 1:
+        raise UserError(f"--threshold is {threshold!r}, expected a probability in [0, 1]")
+    patch_size = int(ckpt["patch_size"])
+    if mode == "dense":
+        try:
+            check_geometry(patch_size, stride)
+        except ValueError as exc:
+            raise UserError(f"--stride {stride} with patch size {patch_size}: {exc}") from None
+    elif stride < 1:
+        raise UserError(f"--stride is {stride!r}, expected a positive number of pixels")
+    return PickSettings(threshold=float(threshold), min_distance=float(min_distance), downsample=float(downsample),
+                        normalization=normalization, patch_size=patch_size, stride=int(stride), mode=mode,
+                        batch_size=int(batch_size))
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def pick_micrograph(model, array, settings, device, name=""):
+    """Picks of one micrograph array ``[H, W]``: ``(DataFrame micrograph,x,y,score, prob map, timing dict)``.
+
+    Rows are sorted by descending score; x, y are in the original pixel frame.
+    """
+    t0 = time.perf_counter()
+    image, scale = prepare_micrograph(array, settings.downsample, settings.normalization, device=device)
+    _sync(device)
+    t1 = time.perf_counter()
+    prob = probability_map(model, image, settings.patch_size, settings.stride, settings.mode, settings.batch_size)
+    _sync(device)
+    t2 = time.perf_counter()
+    # peaks in map cells (one cell = stride downsampled px), then to the original frame
+    cell = settings.stride * min(scale)
+    ab, scores = find_peaks(prob.cpu(), settings.threshold, settings.min_distance / cell)
+    uv = np.asarray(ab, dtype=np.float64).reshape(-1, 2) * settings.stride  # (col, row) in downsampled px
+    xy = to_original(uv, scale)
+    t3 = time.perf_counter()
+    picks = pd.DataFrame({"micrograph": name, "x": xy[:, 0], "y": xy[:, 1], "score": np.asarray(scores, np.float64)})
+    return picks, prob.cpu(), {"prepare_s": t1 - t0, "map_s": t2 - t1, "peaks_s": t3 - t2}
+
+
+def overlay_image(array, picks, radius, max_side=1024, threshold=None):
+    """RGB PNG-ready image: the micrograph (contrast-stretched, shrunk to ``max_side``) with a
+    circle of ``radius`` (original px) per pick; picks below ``threshold`` are drawn thinner in grey."""
+    a = np.asarray(array, dtype=np.float32)
+    lo, hi = np.percentile(a, [1, 99])
+    grey = np.clip((a - lo) / max(hi - lo, 1e-6) * 255, 0, 255).astype(np.uint8)
+    img = Image.fromarray(grey).convert("RGB")
+    f = min(1.0, max_side / max(img.size))
+    if f < 1:
+        img = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.BILINEAR)
+    draw = ImageDraw.Draw(img)
+    r = max(2.0, radius * f)
+    for x, y, s in zip(picks["x"], picks["y"], picks["score"]):
+        weak = threshold is not None and s < threshold
+        cx, cy = (x + 0.5) * f - 0.5, (y + 0.5) * f - 0.5
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=(150, 150, 150) if weak else (0, 220, 60),
+                     width=1 if weak else 2)
+    return img
