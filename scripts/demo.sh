@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Quick start 1: set up, generate the demo data, and train both families on it: the full
 # self-paced ANA model (main.py, multi-label), its single-label variant (main_single.py), and
-# the CryoEM PU + Selective FixMatch picker (train_pu_selective_fixmatch.py, 10 epochs).
+# the CryoEM PU + Selective FixMatch picker (train_pu_selective_fixmatch.py, 10 epochs), and the
+# micrograph path: preprocess_cryoem.py -> training -> pick_particles.py -> evaluate_picks.py.
 # CPU-sized settings (ResNet-18, 96 px tiles, 12 epochs, random init since this machine may be
 # offline); a GPU run would drop --arch/--imageSize/--epoch and use the config.py defaults.
 set -euo pipefail
@@ -18,5 +19,17 @@ rm -rf checkpoints/demo_ana_single
 rm -rf experiments/demo_cryoem
 .venv/bin/python train_pu_selective_fixmatch.py --config configs/pu_selective_fixmatch.yaml --exp-name demo_cryoem \
   --epochs 10
+# CryoEM from whole micrographs: preprocess -> train -> pick -> evaluate (mic_03 held out for test)
+M=data/micrographs
+.venv/bin/python preprocess_cryoem.py --micrographs $M/micrographs --coordinates $M/coordinates.star \
+  --particle-radius 10 --patch-size 32 --context 32 --stride 8 --labelled-fraction 0.3 \
+  --test-micrographs mic_03 --output-dir data/micrographs_pu --overwrite
+rm -rf experiments/demo_micrographs
+.venv/bin/python train_pu_selective_fixmatch.py --config configs/micrographs_demo.yaml --exp-name demo_micrographs
+.venv/bin/python pick_particles.py --checkpoint experiments/demo_micrographs/best_model.pt \
+  --micrographs $M/micrographs/mic_03.mrc --output-dir experiments/demo_micrographs/picks --threshold 0 --stride 8 --overlay
+.venv/bin/python evaluate_picks.py --picks experiments/demo_micrographs/picks/picks.star \
+  --reference $M/coordinates.star --radius 10 --threshold 0.5
 echo "demo done: ANA in checkpoints/demo_ana{,_single}/ (output.txt, results.json), CryoEM in experiments/demo_cryoem/"
-echo "(train.log, results.json); TensorBoard: tensorboard --logdir checkpoints, tensorboard --logdir experiments"
+echo "(train.log, results.json) and experiments/demo_micrographs/ (picks/: picks.star, evaluation.json, overlays/)"
+echo "TensorBoard: tensorboard --logdir checkpoints, tensorboard --logdir experiments"
