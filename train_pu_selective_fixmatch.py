@@ -44,6 +44,11 @@ def build_parser():
                         help="auto, cpu, cuda or cuda:N (default: training.device of the config; auto = CUDA if available)")
     parser.add_argument("--num-workers", type=int, default=None,
                         help="DataLoader worker processes, 0 = main process (default: data.num_workers of the config)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="mixed precision on a GPU: bfloat16 where supported, else float16 with loss scaling "
+                             "(default: training.amp of the config, true; no effect on the CPU)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the student for training (default: training.compile of the config, false)")
     return parser
 
 

@@ -125,7 +125,7 @@ KNOWN = {
     "model": "backbone, pretrained, use_ema, ema_decay, dropout",
     "training": "batch_size, epochs, learning_rate, weight_decay, rampup_epochs, "
                 "entropy_start_epoch, entropy_rampup_epochs, grad_clip, early_stopping_patience, "
-                "min_lr, seed, device",
+                "min_lr, seed, device, amp, channels_last, compile, deterministic",
 }
 
 

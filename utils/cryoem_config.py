@@ -89,6 +89,10 @@ DEFAULTS = _freeze({
         "min_lr": 0.0,
         "seed": 42,
         "device": "auto",
+        "amp": True,
+        "channels_last": True,
+        "compile": False,
+        "deterministic": False,
     },
 })
 
@@ -98,6 +102,8 @@ CLI_OVERRIDES = MappingProxyType({
     "batch_size": ("training", "batch_size", "--batch-size"),
     "epochs": ("training", "epochs", "--epochs"),
     "seed": ("training", "seed", "--seed"),
+    "amp": ("training", "amp", "--amp/--no-amp"),
+    "compile": ("training", "compile", "--compile/--no-compile"),
     "num_workers": ("data", "num_workers", "--num-workers"),
     "device": ("training", "device", "--device"),
 })
@@ -245,6 +251,10 @@ _CHECKS = MappingProxyType({
         "min_lr": _number(0),
         "seed": _integer(0),
         "device": _device,
+        "amp": _boolean,
+        "channels_last": _boolean,
+        "compile": _boolean,
+        "deterministic": _boolean,
     }),
 })
 

@@ -24,6 +24,7 @@ from datasets.cryoem_augment import strong_augment, weak_augment
 from models.losses_pu import (consistency_weight, entropy_loss, entropy_weight, nnpu_loss,
                               selective_consistency_loss)
 from utils.errors import UserError
+from utils.fast_path import make_precision
 from utils.logger import progress
 
 # Per-step quantities averaged over the epoch (the keys of train_one_epoch's result, with
@@ -66,12 +67,15 @@ class StepParams:
 
 
 def train_one_epoch(student, teacher, loader, optimizer, scheduler, params, epoch_index, device,
-                    desc="train", generator=None, sync_every=50):
+                    desc="train", generator=None, sync_every=50, precision=None,
+                    memory_format=torch.contiguous_format):
     """Train ``student`` for one pass of ``loader``; update ``teacher`` (an EMATeacher) after each step.
 
     ``params`` is a :class:`StepParams`; ``epoch_index`` is 0-based (it drives the ramps);
     ``scheduler`` steps once per iteration; ``generator`` (on ``device``, optional) drives the
-    augmentations. A non-finite loss raises :class:`UserError` naming the epoch and step (the
+    augmentations. ``precision`` (:func:`utils.fast_path.make_precision`; default float32) runs
+    the forward passes under autocast and scales the loss for float16; ``memory_format``
+    (channels-last on a GPU) is applied to the batches. A non-finite loss raises :class:`UserError` naming the epoch and step (the
     previous epoch's ``last.pt`` stays intact).
 
     Returns epoch means: ``loss`` (reported total: nnPU loss + weighted consistency + weighted
@@ -82,6 +86,8 @@ def train_one_epoch(student, teacher, loader, optimizer, scheduler, params, epoc
     the nnPU correction branch, r < -beta), ``consistency_weight``, ``entropy_weight``, ``lr``
     (mean over the steps), ``patches_per_s``, ``steps``, ``patches``, ``seconds``.
     """
+    precision = precision or make_precision(device, enabled=False)
+    scaler = precision.scaler
     student.train()
     if teacher.enabled:
         teacher.model.eval()
@@ -99,13 +105,16 @@ def train_one_epoch(student, teacher, loader, optimizer, scheduler, params, epoc
         selected = unlabelled if params.selective else torch.ones_like(is_positive)
         n = x.shape[0]
 
+        # augmentation in float32 on the batch's device (the GPU when training there)
         weak = weak_augment(x, generator=generator)
         strong = strong_augment(x[selected], generator=generator)
-        logits = student(torch.cat([weak, strong]))
+        with precision.autocast():
+            logits = student(torch.cat([weak, strong]).contiguous(memory_format=memory_format)).float()
         logits_weak, logits_strong = logits[:n], logits[n:]
         if teacher.enabled:
-            with torch.no_grad():
-                teacher_probs = torch.sigmoid(teacher.model(weak[selected]).float())
+            with torch.no_grad(), precision.autocast():
+                teacher_probs = torch.sigmoid(teacher.model(weak[selected].contiguous(memory_format=memory_format))
+                                              .float())
         else:  # the student labels itself (FixMatch without EMA)
             teacher_probs = torch.sigmoid(logits_weak.detach()[selected].float())
 
@@ -116,11 +125,13 @@ def train_one_epoch(student, teacher, loader, optimizer, scheduler, params, epoc
         objective = pu["objective"] + w_cons * cons["loss"] + w_ent * ent
 
         optimizer.zero_grad(set_to_none=True)
-        objective.backward()
+        scaler.scale(objective).backward()
         if params.grad_clip > 0:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             torch.nn.utils.clip_grad_norm_(student.parameters(), params.grad_clip)
         lr_sum += optimizer.param_groups[0]["lr"]
-        optimizer.step()
+        scaler.step(optimizer)  # skipped by the scaler when a float16 gradient overflowed
+        scaler.update()
         scheduler.step()
         teacher.update(student)
 
@@ -165,16 +176,21 @@ def _raise_if_bad(first_bad, epoch_index):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, desc="eval"):
+def evaluate(model, loader, device, desc="eval", precision=None, memory_format=torch.contiguous_format):
     """``(labels, probs)``: float CPU tensors [N] of ``loader``'s 0/1 labels and ``sigmoid(model(x))``.
 
-    ``model`` runs in eval mode (dropout off, BatchNorm running statistics); no augmentation.
+    ``model`` runs in eval mode (dropout off, BatchNorm running statistics); no augmentation;
+    ``precision`` / ``memory_format`` as in :func:`train_one_epoch`.
     """
+    precision = precision or make_precision(device, enabled=False)
     was_training = model.training
     model.eval()
     labels, probs = [], []
     for x, y, _ in progress(loader, desc=desc):
-        probs.append(torch.sigmoid(model(x.to(device, non_blocking=True).float()).float()).cpu())
+        x = x.to(device, non_blocking=True).float().contiguous(memory_format=memory_format)
+        with precision.autocast():
+            logits = model(x)
+        probs.append(torch.sigmoid(logits.float()).cpu())
         labels.append(y.float().reshape(-1))
     model.train(was_training)
     if not probs:
