@@ -59,3 +59,27 @@ def test_non_finite_loss_stops_with_a_user_error():
         model[1].weight.fill_(float("nan"))
     with pytest.raises(UserError, match="loss became nan"):
         _run(model, [(x[:2], torch.tensor([0, 1]))], weights, preprocess)
+
+
+def test_float16_loss_scaling_leaves_the_network_and_weight_steps_unchanged():
+    # the same step in float32 and with a float16 GradScaler (CPU autocast): the scaled
+    # gradients must be unscaled for both the network (GradScaler) and the instance weights
+    # (by hand), so both get the float32 gradient and take the float32 step
+    from utils.fast_path import Precision
+    idx = torch.tensor([0, 1])
+    results = []
+    for precision in (None, Precision(dtype=torch.float16, device_type="cpu",
+                                      scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, enabled=True))):
+        model, x, weights, preprocess = _setup()
+        seen = []
+        step = weights.step
+        weights.step = lambda rows, grad: (seen.append(grad.clone()), step(rows, grad))  # record the gradient
+        torch.manual_seed(7)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        train_one_epoch(model, [(x[idx], idx)], optimizer, weights, LABELS, LABELS.clone(), preprocess,
+                        granularity="label", training_label="real", precision=precision)
+        results.append((model[1].weight.detach().clone(), weights.alpha.clone(), seen[0]))
+    (w32, a32, g32), (w16, a16, g16) = results
+    torch.testing.assert_close(g16, g32, atol=1e-3, rtol=1e-2)
+    torch.testing.assert_close(w16, w32, atol=2e-3, rtol=0)
+    torch.testing.assert_close(a16, a32, atol=2e-3, rtol=0)

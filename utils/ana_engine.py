@@ -7,6 +7,7 @@ import torch
 from models.losses_ana import weighted_bce_loss
 from models.pseudo_labels import make_targets
 from utils.errors import UserError
+from utils.fast_path import make_precision
 from utils.logger import progress
 
 
@@ -17,8 +18,9 @@ class BatchPreprocessor:
     cached tiles only. Training augmentation is a horizontal flip with p=0.5 (as the reference).
     """
 
-    def __init__(self, mean, std, device):
+    def __init__(self, mean, std, device, memory_format=torch.contiguous_format):
         self.device = device
+        self.memory_format = memory_format  # channels-last on a GPU (utils/fast_path.py)
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0
 
@@ -27,18 +29,22 @@ class BatchPreprocessor:
         if train:
             flip = torch.rand(x.shape[0], 1, 1, 1, device=self.device) < 0.5
             x = torch.where(flip, x.flip(3), x)
-        return (x - self.mean) / self.std
+        return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
 
 
 def train_one_epoch(model, loader, optimizer, weights, tile_labels, targets, preprocess, *,
-                    granularity, training_label, desc="train"):
+                    granularity, training_label, desc="train", precision=None):
     """Train one epoch; update ``weights`` and the stored per-tile ``targets`` in place.
 
     ``tile_labels`` [T, C] are the bag labels of each tile; ``targets`` [T, C] receives the
     targets actually used (pseudo/soft labels), which drive the ``ulr-adaptive`` groups.
-    Batches whose targets are all zero are skipped (the reference's behaviour).
+    Batches whose targets are all zero are skipped (the reference's behaviour). ``precision``
+    (:func:`utils.fast_path.make_precision`, default float32): the network's forward runs under
+    autocast, the loss (with the instance weights) in float32 from float32 logits.
     Returns averaged numbers: loss per image, images seen, skipped batches, timings.
     """
+    precision = precision or make_precision(preprocess.device, enabled=False)
+    scaler = precision.scaler
     model.train()
     device = preprocess.device
     total_loss, n_images, n_steps, skipped = 0.0, 0, 0, 0
@@ -54,14 +60,22 @@ def train_one_epoch(model, loader, optimizer, weights, tile_labels, targets, pre
         target = make_targets(tile_labels[idx], alpha, training_label)
         if torch.any(target > 0):
             targets[idx] = target
-            loss = weighted_bce_loss(model(x), target, alpha, granularity)
+            with precision.autocast():
+                logits = model(x)
+            loss = weighted_bce_loss(logits.float(), target, alpha, granularity)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             loss_value = loss.item()  # the step's one host sync
             if not math.isfinite(loss_value):
                 raise UserError(f"the training loss became {loss_value} at step {n_steps}; lower --lr / --weight_lr")
-            optimizer.step()
-            weights.step(idx, alpha.grad)
+            # float16: the weights' gradient is scaled like the network's; unscale it by hand
+            # (the GradScaler only knows the network's optimizer) and skip both on overflow
+            inv_scale = 1.0 / scaler.get_scale() if scaler.is_enabled() else 1.0
+            scaler.step(optimizer)
+            scaler.update()
+            alpha_grad = alpha.grad * inv_scale if inv_scale != 1.0 else alpha.grad
+            if not scaler.is_enabled() or torch.isfinite(alpha_grad).all():
+                weights.step(idx, alpha_grad)
             total_loss += loss_value
             n_images += len(idx)
             n_steps += 1
@@ -75,12 +89,15 @@ def train_one_epoch(model, loader, optimizer, weights, tile_labels, targets, pre
 
 
 @torch.no_grad()
-def predict(model, loader, preprocess, desc="eval"):
+def predict(model, loader, preprocess, desc="eval", precision=None):
     """Sigmoid probabilities [n, C] (on the CPU) for every tile of ``loader``, in order."""
+    precision = precision or make_precision(preprocess.device, enabled=False)
     model.eval()
     out = []
     for x, _ in progress(loader, desc=desc):
-        out.append(torch.sigmoid(model(preprocess(x)).float()).cpu())
+        with precision.autocast():
+            logits = model(preprocess(x))
+        out.append(torch.sigmoid(logits.float()).cpu())
     return torch.cat(out)
 
 

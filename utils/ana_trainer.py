@@ -18,6 +18,7 @@ from models.pseudo_labels import TRAINING_LABELS
 from models.sample_weights import (GRANULARITIES, INIT_METHODS, LR_METHODS, InstanceWeights, init_weights,
                                    lr_coefficients, sampler_weights, weight_stats)
 from utils.ana_engine import BatchPreprocessor, bag_max, predict, train_one_epoch
+from utils.fast_path import make_precision, maybe_compile, memory_format
 from utils.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from utils.device import resolve_device
 from utils.early_stopping import EarlyStopping
@@ -85,6 +86,14 @@ def add_arguments(parser, cfg):
     g.add_argument("--numWorkers", type=int, default=2, help="DataLoader worker processes (default: %(default)s)")
     g.add_argument("--seed", type=int, default=42, help="random seed (default: %(default)s)")
     g.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on GPU; default: off)")
+    g = parser.add_argument_group("GPU fast path (no effect on the CPU)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="mixed precision: bfloat16 where the GPU supports it, else float16 with loss scaling "
+                        "(default: on)")
+    g.add_argument("--channelsLast", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels-last memory format for the network and batches (default: on)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the network for training (default: off)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     return parser
 
@@ -242,7 +251,15 @@ def _train(args, cfg, device, model, tiles, num_classes, run_dir, logger, writer
     train_loader = _loader(CachedTileDataset(caches["train"]), args.trainBatchSize, args.numWorkers, device, sampler)
     val_loader = _loader(CachedTileDataset(caches["val"]), args.testBatchSize, args.numWorkers, device)
     test_loader = _loader(CachedTileDataset(caches["test"]), args.testBatchSize, args.numWorkers, device)
-    preprocess = BatchPreprocessor(cfg.MEAN, cfg.STD, device)
+    # GPU fast path (utils/fast_path.py; no-ops on the CPU); cudnn.benchmark is set by seed_everything
+    fmt = memory_format(device, args.channelsLast)
+    model.to(memory_format=fmt)
+    precision = make_precision(device, args.amp)
+    train_model = maybe_compile(model, args.compile)
+    logger.info(f"fast path: precision {precision.describe()}, "
+                f"{'channels-last' if fmt == torch.channels_last else 'contiguous'}, "
+                f"torch.compile {'on' if args.compile else 'off'}")
+    preprocess = BatchPreprocessor(cfg.MEAN, cfg.STD, device, memory_format=fmt)
 
     results = ResultsFile(run_dir / "results.json")
     early = EarlyStopping(args.patience)
@@ -261,6 +278,8 @@ def _train(args, cfg, device, model, tiles, num_classes, run_dir, logger, writer
             raise UserError(f"{run_dir / 'last.pt'} holds a different model than --arch {args.arch} with "
                             f"{num_classes} classes") from None
         optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler") and precision.scaler.is_enabled():  # float16 loss scale
+            precision.scaler.load_state_dict(state["scaler"])
         weights.load_state_dict(state["weights"])
         targets = state["targets"].to(device)
         early.load_state_dict(state["early_stopping"])
@@ -286,10 +305,10 @@ def _train(args, cfg, device, model, tiles, num_classes, run_dir, logger, writer
         weights.reset_state()  # the reference rebuilt its Adam every epoch
         if args.resetOptimizer:
             optimizer.state.clear()
-        stats = train_one_epoch(model, train_loader, optimizer, weights, tile_labels, targets, preprocess,
+        stats = train_one_epoch(train_model, train_loader, optimizer, weights, tile_labels, targets, preprocess,
                                 granularity=args.granularity, training_label=args.trainingLabel,
-                                desc=f"epoch {epoch} train")
-        val_probs = predict(model, val_loader, preprocess, desc=f"epoch {epoch} val")
+                                desc=f"epoch {epoch} train", precision=precision)
+        val_probs = predict(model, val_loader, preprocess, desc=f"epoch {epoch} val", precision=precision)
         last_val = metric_fn(tiles["val"].tile_labels, val_probs)
         improved = best_improved(best, last_val, keys=tuple(BEST_METRICS))
         logger.info(f"epoch {epoch} | loss {stats['loss']:.4f} | {stats['images_per_s']:.1f} img/s | "
@@ -297,7 +316,7 @@ def _train(args, cfg, device, model, tiles, num_classes, run_dir, logger, writer
         if improved:
             best.update({k: last_val[k] for k in improved})
             test = tiles["test"]
-            bag_probs = bag_max(predict(model, test_loader, preprocess, desc=f"epoch {epoch} test"),
+            bag_probs = bag_max(predict(model, test_loader, preprocess, desc=f"epoch {epoch} test", precision=precision),
                                 test.tile_bag, len(test.bags))
             last_test = metric_fn(test.bag_labels, bag_probs)
             _write_predictions(run_dir / "test_predictions.csv", test, bag_probs, num_classes, single)
@@ -333,6 +352,7 @@ def _train(args, cfg, device, model, tiles, num_classes, run_dir, logger, writer
                     + (f" | sampler entropy {entropy:.3f}" if args.sampling else ""))
 
         save_checkpoint({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": precision.scaler.state_dict(),
                          "weights": weights.state_dict(), "targets": targets.cpu(), "early_stopping": early.state_dict(),
                          "best": best, "best_files": best_files, "rng": rng_state(), "stopped": stop,
                          "sampler_weights": s.cpu(),
