@@ -1,0 +1,361 @@
+"""Training and test throughput of main.py's ANA method against a plain BCE loop (issue 6).
+
+    python benchmarks/bench_ana.py                       # CPU: resnet18 on 64 px tiles, ~1-2 min
+    python benchmarks/bench_ana.py --device cuda         # GPU: resnet50 on 224 px tiles (the paper's setting)
+
+In one process, on the same generated data (``datasets.synthetic_ana``), the same initial model,
+the same DataLoader settings (``utils.ana_trainer._loader``: cached tiles, workers, pinned memory
+on CUDA, persistent workers) and the same batch size, it times:
+
+- **ANA method**: main.py's full model (``--initWeight iw-sample --updateLR ulr-adaptive
+  --granularity label --sampling --trainingLabel pseudo``), run through the same code as
+  ``utils.ana_trainer._train``: the learnable instance weights, the pseudo-label dispatcher, the
+  weighted instance sampler recomputed every epoch, and ``utils.ana_engine.train_one_epoch``;
+- **plain BCE**: the same model, loader (shuffled), preprocessing (normalise + random flip on the
+  device) and Adam, with ``BCEWithLogitsLoss`` on the tiles' bag labels and the same one
+  ``loss.item()`` per step, so the difference is the method's own work;
+- **test**: ``predict`` + ``bag_max`` on the test split (bag-level evaluation), images/s.
+
+One untimed warm-up epoch (and test pass) per path comes first (worker start-up, cuDNN autotuning,
+allocator). The timed epochs of the two paths alternate (method, plain, plain, method, ...) so
+that a machine whose speed drifts favours neither. An epoch's *data* time is the time spent
+waiting for the next batch from the DataLoader (``iter`` included); *compute* is the rest. On a
+GPU every timed span starts and ends with ``torch.cuda.synchronize``.
+
+On a CPU shared with other jobs the wall clock moves by tens of percent from one epoch to the
+next (the environment line shows the load average). Two rows help to judge a result: the ratio
+per timed epoch (min .. max), and the main process's CPU time, which other jobs barely change
+(on a CPU the network runs in the main process; on a GPU that process mostly waits, so read the
+wall-clock rows there).
+
+Targets (issue 6): method overhead <= 10 % of the plain loop's time per image; the data wait a
+small part of an epoch (data loading hidden behind compute).
+
+Prints an environment line and one table (stdout); ``main()`` returns the numbers as a dict.
+"""
+import argparse
+import copy
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the repository's packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+import config
+from datasets.ana import CachedTileDataset, build_tile_cache
+from datasets.samplers import InstanceSampler
+from datasets.synthetic_ana import generate_ana_demo
+from main import build_parser as build_main_parser
+from models.backbones import RESNETS, build_resnet_classifier
+from models.sample_weights import InstanceWeights, init_weights, lr_coefficients, sampler_weights
+from utils.ana_engine import BatchPreprocessor, bag_max, predict, train_one_epoch
+from utils.ana_trainer import _loader, load_splits
+from utils.device import resolve_device
+from utils.errors import exit_on_user_error
+from utils.seed import seed_everything
+
+# main.py's full model (config.py and the README: "the recommended full model")
+FULL_METHOD = ("--initWeight", "iw-sample", "--updateLR", "ulr-adaptive", "--granularity", "label",
+               "--sampling", "--trainingLabel", "pseudo")
+NUM_CLASSES = 8      # the ANA classes of config.py
+MAX_LABELS = 3       # labels per generated image, so --updateLR ulr-adaptive has weights to move
+MIN_IMAGES = math.ceil(NUM_CLASSES / MAX_LABELS)  # per split, so that every class occurs in it
+LR = 1e-3            # network and weight learning rate (speed does not depend on it)
+# (arch, image size, batch size, training images) when the flag is not given
+DEFAULTS = {"cpu": ("resnet18", 64, 16, 192), "cuda": ("resnet50", 224, 64, 512)}
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 0")
+    return value
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="Images/s of main.py's ANA method vs a plain BCE loop on the same data, model and batch "
+                    "size; epoch time split into data wait and compute; bag-level test throughput.")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--arch", choices=RESNETS, default=None,
+                   help="backbone (default: resnet18 on the CPU, resnet50 on a GPU as config.py)")
+    p.add_argument("--image-size", type=positive_int, default=None,
+                   help="tile side fed to the network (default: 64 on the CPU to stay within minutes, "
+                        "224 on a GPU as main.py)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="training and test batch size (default: 16 on the CPU, 64 on a GPU)")
+    p.add_argument("--num-workers", type=non_negative_int, default=2,
+                   help="DataLoader workers, as main.py's --numWorkers (default: %(default)s)")
+    p.add_argument("--epochs", type=positive_int, default=2,
+                   help="timed epochs per path, after one warm-up epoch (default: %(default)s)")
+    p.add_argument("--n-train", type=positive_int, default=None,
+                   help="generated training images of 2x2 tiles each (default: 192 on the CPU, 512 on a GPU); "
+                        "at least 3, so that every class occurs")
+    p.add_argument("--n-test", type=positive_int, default=16,
+                   help="generated test images (bags) of 2x2 tiles each (default: %(default)s); at least 3")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, model and samplers (default: %(default)s)")
+    return p
+
+
+def environment_line(device):
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine() or "cpu"
+    load = f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "n/a"  # other jobs sharing the machine
+    return (f"env: torch {torch.__version__} | python {platform.python_version()} | device {device} ({name}) | "
+            f"torch threads {torch.get_num_threads()} | cpus {os.cpu_count()} | load {load}")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TimedLoader:
+    """Wraps a DataLoader; adds up the time spent waiting for the next batch, and counts images."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.wait = 0.0
+        self.images = 0
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        tic = time.perf_counter()
+        batches = iter(self.loader)  # with persistent workers: wakes them and primes the prefetch
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                self.wait += time.perf_counter() - tic
+                return
+            self.wait += time.perf_counter() - tic
+            self.images += len(batch[1])
+            yield batch
+            tic = time.perf_counter()
+
+
+class AnaMethod:
+    """main.py's full method, wired as ``utils.ana_trainer._train`` wires it; one call = one epoch.
+
+    Validation, test and checkpointing of ``_train`` are left out: they are not training throughput.
+    """
+
+    name = "ANA method"
+
+    def __init__(self, args, model, train_tiles, cache, device, batch_size, num_workers):
+        self.args, self.model = args, model
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999),
+                                          weight_decay=args.weightDecay)
+        self.tile_labels = train_tiles.tile_labels.to(device)
+        self.targets = self.tile_labels.clone()
+        self.weights = InstanceWeights(init_weights(train_tiles.tile_labels, args.initWeight, args.granularity),
+                                       lr=args.weight_lr, weight_decay=args.weightDecay).to(device)
+        self.weights.set_lr_scale(lr_coefficients(self.targets, args.updateLR))
+        self.sampler = InstanceSampler(len(train_tiles), seed=args.seed)
+        self.loader = TimedLoader(_loader(CachedTileDataset(cache), batch_size, num_workers, device, self.sampler))
+        self.preprocess = BatchPreprocessor(config.MEAN, config.STD, device)
+        self.s = None
+
+    def __call__(self, epoch):
+        args = self.args
+        if self.s is None or (epoch - 1) % args.resampleEvery == 0:
+            self.s = sampler_weights(self.weights.alpha, self.tile_labels)
+        self.sampler.set_epoch(epoch)
+        self.sampler.set_weights(self.s if args.sampling else None)
+        self.weights.reset_state()
+        train_one_epoch(self.model, self.loader, self.optimizer, self.weights, self.tile_labels, self.targets,
+                        self.preprocess, granularity=args.granularity, training_label=args.trainingLabel,
+                        desc=f"method epoch {epoch}")
+        self.weights.set_lr_scale(lr_coefficients(self.targets, args.updateLR))
+
+
+class PlainBCE:
+    """The baseline: shuffled tiles, ``BCEWithLogitsLoss`` on the tiles' bag labels, Adam."""
+
+    name = "plain BCE"
+
+    def __init__(self, args, model, train_tiles, cache, device, batch_size, num_workers):
+        self.model = model
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999),
+                                          weight_decay=args.weightDecay)
+        self.tile_labels = train_tiles.tile_labels.to(device)
+        self.sampler = InstanceSampler(len(train_tiles), seed=args.seed)  # no weights: a shuffle
+        self.loader = TimedLoader(_loader(CachedTileDataset(cache), batch_size, num_workers, device, self.sampler))
+        self.preprocess = BatchPreprocessor(config.MEAN, config.STD, device)
+        self.criterion = torch.nn.BCEWithLogitsLoss()
+        self.device = device
+
+    def __call__(self, epoch):
+        self.sampler.set_epoch(epoch)
+        self.model.train()
+        for x, idx in self.loader:
+            idx = idx.to(self.device, non_blocking=True)
+            x = self.preprocess(x, train=True)
+            loss = self.criterion(self.model(x), self.tile_labels[idx])
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            loss_value = loss.item()  # the same one host sync per step as train_one_epoch
+            if not math.isfinite(loss_value):
+                raise RuntimeError(f"plain BCE loss became {loss_value}")
+            self.optimizer.step()
+
+
+def timed_epoch(run, epoch, device):
+    """Run one epoch of ``run``; returns (seconds, seconds waiting for data, images, CPU seconds).
+
+    The CPU seconds are this process's (all its threads, not the DataLoader workers): unlike the
+    wall clock they barely move when other jobs share the machine's cores.
+    """
+    wait0, images0 = run.loader.wait, run.loader.images
+    sync(device)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    run(epoch)
+    sync(device)
+    return (time.perf_counter() - start, run.loader.wait - wait0, run.loader.images - images0,
+            time.process_time() - cpu_start)
+
+
+def timed_test(model, loader, tiles, preprocess, device):
+    """One bag-level evaluation (``predict`` + ``bag_max``); returns seconds."""
+    sync(device)
+    start = time.perf_counter()
+    bag_max(predict(model, loader, preprocess, desc="test"), tiles.tile_bag, len(tiles.bags))
+    sync(device)
+    return time.perf_counter() - start
+
+
+def _fmt(value, digits=1):
+    return f"{value:.{digits}f}"
+
+
+def print_table(env, settings, r):
+    rows = [
+        ("train images/s", _fmt(r["method_images_per_s"]), _fmt(r["plain_images_per_s"]),
+         _fmt(r["method_images_per_s"] / r["plain_images_per_s"], 3)),
+        ("epoch time (s)", _fmt(r["method_epoch_s"], 2), _fmt(r["plain_epoch_s"], 2),
+         _fmt(r["method_epoch_s"] / r["plain_epoch_s"], 3)),
+        ("  data wait (s)", _fmt(r["method_data_s"], 3), _fmt(r["plain_data_s"], 3), ""),
+        ("  compute (s)", _fmt(r["method_compute_s"], 2), _fmt(r["plain_compute_s"], 2),
+         _fmt(r["method_compute_s"] / r["plain_compute_s"], 3)),
+        ("  data wait (% of epoch)", _fmt(100 * r["method_data_fraction"]), _fmt(100 * r["plain_data_fraction"]), ""),
+        ("main-process CPU time (s)", _fmt(r["method_cpu_s"], 2), _fmt(r["plain_cpu_s"], 2),
+         _fmt(r["cpu_time_ratio"], 3)),
+        ("time per image, method/plain", "", "", _fmt(r["time_ratio"], 3)),
+        ("  per epoch: min .. max", "", "", f"{r['time_ratio_min']:.3f} .. {r['time_ratio_max']:.3f}"),
+        ("method overhead (target <= 10%)", "", "", f"{r['overhead_pct']:+.1f}%"),
+        ("test images/s (predict + bag_max)", _fmt(r["test_images_per_s"]), "", ""),
+        ("test bags/s", _fmt(r["test_bags_per_s"]), "", ""),
+    ]
+    head = ("measure", "ANA method", "plain BCE", "method/plain")
+    widths = [max(len(row[i]) for row in rows + [head]) for i in range(4)]
+
+    def line(cells):  # first column left-aligned, numbers right-aligned
+        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    print(env)
+    print(settings)
+    print(line(head))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print(line(row))
+
+
+def measure(args, arch, image_size, batch_size, n_train, device, tmp):
+    """Generate the data in ``tmp``, then time both training paths and the test; returns the raw numbers."""
+    tile_size = max(image_size, 32)  # source tiles as large as the network input: the cache resizes nothing
+    ann = generate_ana_demo(tmp / "data", n_train=n_train, n_val=MIN_IMAGES, n_test=args.n_test, tiles_x=2,
+                            tiles_y=2, tile_size=tile_size, num_classes=NUM_CLASSES, max_labels=MAX_LABELS,
+                            seed=args.seed)
+    # main.py's own parser and split loading, with the full method's flags
+    ana_args = build_main_parser().parse_args(
+        ["--annFile", str(ann), "--imageDir", str(tmp / "data" / "images"), "--numClasses", str(NUM_CLASSES),
+         "--arch", arch, "--imageSize", str(image_size), "--tileSize", str(tile_size), "--no-pretrained",
+         "--trainBatchSize", str(batch_size), "--testBatchSize", str(batch_size),
+         "--numWorkers", str(args.num_workers), "--lr", str(LR), "--weight_lr", str(LR),
+         "--seed", str(args.seed), "--cacheDir", str(tmp / "cache"), *FULL_METHOD])
+    tiles, num_classes, _ = load_splits(ana_args, config)
+    caches = {split: build_tile_cache(tiles[split], image_size, tmp / "cache", args.num_workers, desc=split)
+              for split in ("train", "test")}
+
+    model = build_resnet_classifier(arch, num_classes).to(device)
+    plain_model = copy.deepcopy(model)  # the same initial weights for both paths
+    common = (tiles["train"], caches["train"], device, batch_size, args.num_workers)
+    runs = [AnaMethod(ana_args, model, *common), PlainBCE(ana_args, plain_model, *common)]
+    test = tiles["test"]
+    test_loader = _loader(CachedTileDataset(caches["test"]), batch_size, args.num_workers, device)
+    test_preprocess = BatchPreprocessor(config.MEAN, config.STD, device)
+
+    print(f"bench_ana: {len(tiles['train'])} training tiles, {len(test)} test tiles; "
+          f"1 warm-up + {args.epochs} timed epochs per path", file=sys.stderr)
+    for run in runs:  # warm-up, untimed
+        run(0)
+    epochs = {run.name: [] for run in runs}  # (seconds, data wait, images, CPU seconds) per timed epoch
+    for epoch in range(1, args.epochs + 1):
+        for run in (runs if epoch % 2 else runs[::-1]):
+            epochs[run.name].append(timed_epoch(run, epoch, device))
+    timed_test(model, test_loader, test, test_preprocess, device)  # warm-up
+    test_s = sum(timed_test(model, test_loader, test, test_preprocess, device) for _ in range(args.epochs))
+    return {"epochs": epochs, "train_tiles": len(tiles["train"]), "test_tiles": len(test),
+            "test_bags": len(test.bags), "test_s": test_s, "tile_size": tile_size}
+
+
+@exit_on_user_error
+def main(argv=None):
+    """Parse ``argv``, run the benchmark, print the table and return its numbers as a dict."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for flag, value in (("--n-train", args.n_train), ("--n-test", args.n_test)):
+        if value is not None and value < MIN_IMAGES:
+            parser.error(f"{flag} {value}: need at least {MIN_IMAGES} images so that every class occurs")
+    device = resolve_device(args.device)
+    d_arch, d_size, d_batch, d_train = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
+    arch = args.arch or d_arch
+    image_size = args.image_size or d_size
+    batch_size = args.batch_size or d_batch
+    n_train = args.n_train or d_train
+    seed_everything(args.seed)
+    with tempfile.TemporaryDirectory(prefix="bench_ana_") as tmp:
+        # the loaders (and their persistent workers) end with measure(), before the cache is deleted
+        raw = measure(args, arch, image_size, batch_size, n_train, device, Path(tmp))
+
+    result = {"train_tiles": raw["train_tiles"], "test_tiles": raw["test_tiles"]}
+    for key, name in (("method", AnaMethod.name), ("plain", PlainBCE.name)):
+        seconds, wait, images, cpu = (sum(column) for column in zip(*raw["epochs"][name]))
+        result.update({f"{key}_images_per_s": images / seconds, f"{key}_epoch_s": seconds / args.epochs,
+                       f"{key}_data_s": wait / args.epochs, f"{key}_compute_s": (seconds - wait) / args.epochs,
+                       f"{key}_data_fraction": wait / seconds, f"{key}_cpu_s": cpu / args.epochs})
+    # time per image of the method over the plain loop's; overhead = how much longer, in percent
+    result["time_ratio"] = result["plain_images_per_s"] / result["method_images_per_s"]
+    result["overhead_pct"] = 100.0 * (result["time_ratio"] - 1.0)
+    # the same ratio per timed epoch: its spread shows how much the machine's load moved the numbers
+    pairs = [(m[0] / m[2]) / (p[0] / p[2]) for m, p in zip(raw["epochs"][AnaMethod.name], raw["epochs"][PlainBCE.name])]
+    result["time_ratio_min"], result["time_ratio_max"] = min(pairs), max(pairs)
+    result["cpu_time_ratio"] = result["method_cpu_s"] / result["plain_cpu_s"]  # same images per epoch
+    result["test_images_per_s"] = args.epochs * raw["test_tiles"] / raw["test_s"]
+    result["test_bags_per_s"] = args.epochs * raw["test_bags"] / raw["test_s"]
+
+    settings = (f"settings: {arch} | image {image_size} px (tiles {raw['tile_size']} px) | batch {batch_size} | "
+                f"workers {args.num_workers} | {raw['train_tiles']} train tiles | {raw['test_tiles']} test tiles "
+                f"({raw['test_bags']} bags) | 1 warm-up + {args.epochs} timed epochs per path | seed {args.seed}")
+    print_table(environment_line(device), settings, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
