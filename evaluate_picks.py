@@ -17,12 +17,9 @@ import math
 import sys
 from pathlib import Path
 
-from PIL import Image
-
 from datasets.micrographs import read_coordinates
-from utils.checkpoint import atomic_write
 from utils.errors import UserError, exit_on_user_error
-from utils.figures import pr_curve_image
+from utils.figures import pr_curve_image, save_png
 from utils.picking import evaluate_picks
 from utils.results import write_json
 
@@ -65,10 +62,6 @@ def format_table(result):
                      f"{_fmt(m['recall']):>6} {_fmt(m['f1']):>6} {_fmt(m['average_precision']):>6}  "
                      f"{_fmt(m['best_f1'])} @ {_fmt(m['best_f1_threshold'], '.4g')}")
     return "\n".join(lines)
-
-
-def save_png(path, image):
-    atomic_write(path, lambda f: Image.fromarray(image).save(f, format="PNG"))
 
 
 @exit_on_user_error

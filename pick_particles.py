@@ -19,9 +19,9 @@ import pandas as pd
 
 from datasets.micrographs import list_micrographs, micrograph_key, read_micrograph, write_box, write_csv, write_star
 from models.dense import MODES
-from utils.checkpoint import atomic_write
 from utils.device import resolve_device
 from utils.errors import exit_on_user_error
+from utils.figures import save_png
 from utils.logger import close_run_logger, progress, setup_run_logger
 from utils.particle_picker import load_picker, overlay_image, pick_micrograph, resolve_settings
 from utils.results import write_json
@@ -60,11 +60,6 @@ def build_parser():
     return p
 
 
-def save_png(image, path):
-    """Save a Pillow image as PNG atomically."""
-    atomic_write(path, lambda f: image.save(f, format="PNG"))
-
-
 @exit_on_user_error
 def main(argv=None):
     args = build_parser().parse_args(argv)
@@ -90,7 +85,7 @@ def main(argv=None):
             picks, _, timing = pick_micrograph(model, array, settings, device, name=path.name)
             write_box(out / "box" / f"{micrograph_key(path.name)}.box", picks, box_size)
             if args.overlay:
-                save_png(overlay_image(array, picks, radius), out / "overlays" / f"{micrograph_key(path.name)}.png")
+                save_png(out / "overlays" / f"{micrograph_key(path.name)}.png", overlay_image(array, picks, radius))
             seconds = time.perf_counter() - t0
             per_mic[path.name] = {"n_picks": len(picks), "seconds": seconds, **timing}
             logger.info(f"{path.name}: {len(picks)} picks in {seconds:.2f} s (map {timing['map_s']:.2f} s)")

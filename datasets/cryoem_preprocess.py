@@ -292,7 +292,7 @@ def run_preprocess(micrograph_inputs, coordinates_path, out_dir, opts, logger=No
     coords, info = read_coordinates(coordinates_path)
     log.info(info)
 
-    images, sizes = {}, {}
+    sizes = {}
     for path in paths:  # read once up front: an unreadable file fails before anything is written
         arr = read_micrograph(path)
         sizes[micrograph_key(path.name)] = arr.shape

@@ -5,6 +5,8 @@ They go to TensorBoard (``SummaryWriter.add_image(..., dataformats="HWC")``) or 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from utils.checkpoint import atomic_write
+
 
 def confusion_matrix_image(matrix, class_names=None, cell=48):
     """Render a confusion matrix (rows = true class, columns = predicted) as ``[H, W, 3]`` uint8.
@@ -104,3 +106,9 @@ def pr_curve_image(curves, title="", size=(480, 400)):
             draw.rectangle([left + 10, ly + 3, left + 24, ly + 9], fill=CURVE_COLOURS[n % len(CURVE_COLOURS)])
             draw.text((left + 30, ly), label, fill="black", font=font)
     return np.asarray(img)
+
+
+def save_png(path, image):
+    """Write ``image`` (a Pillow image or a uint8 ``[H, W, 3]`` array) as a PNG, atomically."""
+    img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    atomic_write(path, lambda f: img.save(f, format="PNG"))
