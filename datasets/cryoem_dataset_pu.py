@@ -559,9 +559,14 @@ class PUBatchSampler(Sampler):
     a second permutation so it is full. Positives come from consecutive seeded permutations,
     as many as needed. Yields lists of train indices: positives ``0..n_pos-1``, unlabelled
     ``n_pos..n_pos+n_unl-1``. Depends only on ``(seed, epoch)``: resumable.
+
+    Distributed training (``num_replicas`` processes): every process computes the same epoch of
+    ``K`` batches and takes batches ``rank, rank + W, rank + 2W, ...``; the last round wraps to
+    the first batches so that every process gets ``ceil(K / W)`` batches (DDP needs equal counts).
+    Each batch keeps its ratio, and together the processes see every unlabelled patch.
     """
 
-    def __init__(self, n_pos, n_unl, batch_size, ratio=(1, 4), seed=0):
+    def __init__(self, n_pos, n_unl, batch_size, ratio=(1, 4), seed=0, num_replicas=1, rank=0):
         if n_pos < 1 or n_unl < 1:
             raise ValueError(f"PUBatchSampler needs >= 1 positive and >= 1 unlabelled item, "
                              f"got {n_pos} and {n_unl}")
@@ -583,7 +588,11 @@ class PUBatchSampler(Sampler):
                 f"batch_size {batch_size} with batch_ratio {ratio} gives batches with {lo}-{hi} "
                 f"positives and {batch_size - hi}-{batch_size - lo} unlabelled; every batch needs "
                 f">= 1 of each: use batch_size >= {smallest}")
-        self._len = self._epoch_length()
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        self.num_replicas, self.rank = int(num_replicas), int(rank)
+        self._total = self._epoch_length()  # batches of the whole epoch, over all processes
+        self._len = -(-self._total // self.num_replicas)
 
     def _pos_range(self, b):
         x = b * self._r
@@ -620,11 +629,12 @@ class PUBatchSampler(Sampler):
         return np.concatenate([rng.permutation(n) for _ in range(reps)])[:count]
 
     def __iter__(self):
-        k, bs = self._len, self.batch_size
+        k, bs = self._total, self.batch_size
         n_pos_total = self._n_pos_first(k)
         pos = self._stream(self.n_pos, n_pos_total, 0)
         unl = self._stream(self.n_unl, k * bs - n_pos_total, 1) + self.n_pos
-        for b in range(k):
+        for i in range(self._len):
+            b = (self.rank + i * self.num_replicas) % k
             p0, p1 = self._n_pos_first(b), self._n_pos_first(b + 1)
             u0, u1 = b * bs - p0, (b + 1) * bs - p1
             yield pos[p0:p1].tolist() + unl[u0:u1].tolist()

@@ -31,6 +31,8 @@ from utils.cryoem_config import dump_config
 from utils.cryoem_engine import StepParams, evaluate, train_one_epoch
 from utils.device import resolve_device
 from utils.early_stopping import EarlyStopping
+from utils.distributed import (DistInfo, barrier, broadcast_object, cleanup_distributed, init_distributed,
+                               mean_over_processes, replicas_in_sync, wrap_ddp)
 from utils.errors import UserError
 from utils.fast_path import configure_backends, make_precision, maybe_compile, memory_format
 from utils.logger import close_run_logger, git_revision, make_summary_writer, setup_run_logger
@@ -207,6 +209,14 @@ def run(cfg, args):
         _check_resume_config(state["config"], cfg, last_path)
 
     device = resolve_device(cfg["training"]["device"])
+    info, device = init_distributed(device)  # torchrun: one process per GPU (or gloo on the CPU)
+    try:
+        return _run(cfg, args, state, run_dir, device, info)
+    finally:
+        cleanup_distributed(info)
+
+
+def _run(cfg, args, state, run_dir, device, info):
     seed = cfg["training"]["seed"]
     seed_everything(seed)
     setup_log, buffer = _buffer_logger()
@@ -216,29 +226,61 @@ def run(cfg, args):
                         max_open_chunks=data_cfg["max_open_chunks"],
                         split=state["split"] if state is not None else None, logger=setup_log)
     prior = _resolve_prior(cfg, data)
-    sampler = PUBatchSampler(data.n_pos, data.n_unl, cfg["training"]["batch_size"],
-                             ratio=tuple(data_cfg["batch_ratio"]), seed=seed)
+    # training.batch_size is the global batch: each of the W processes takes batch_size / W
+    # patches per step, so W processes take the same steps as one (up to per-process BatchNorm)
+    batch_size = cfg["training"]["batch_size"]
+    if batch_size % info.world_size:
+        raise UserError(f"training.batch_size {batch_size} is not divisible by the {info.world_size} processes "
+                        f"of torchrun; use a multiple of {info.world_size}")
+    try:
+        sampler = PUBatchSampler(data.n_pos, data.n_unl, batch_size // info.world_size,
+                                 ratio=tuple(data_cfg["batch_ratio"]), seed=seed,
+                                 num_replicas=info.world_size, rank=info.rank)
+    except UserError as exc:
+        if not info.enabled:
+            raise
+        raise UserError(f"{exc} (per process: training.batch_size / {info.world_size} processes)") from None
     model_cfg = cfg["model"]
     context = _data_context(data)
     student = FixMatchPUModel(model_cfg["backbone"], dropout=model_cfg["dropout"],
                               pretrained=model_cfg["pretrained"], context=context).to(device)
 
-    # every input is checked: from here on the run directory is written
-    run_dir.mkdir(parents=True, exist_ok=True)
-    logger = setup_run_logger(str(run_dir.resolve()), run_dir / "train.log")
+    # every input is checked (by every process: none starts writing before all have looked at
+    # the run directory): from here on the main process writes the run directory
+    barrier(info)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        logger = setup_run_logger(str(run_dir.resolve()), run_dir / "train.log")
+    else:  # the other processes log nothing
+        logger = setup_run_logger(f"{run_dir.resolve()}#rank{info.rank}", None, console=False)
     try:
-        logger.info(f"git {git_revision()} | device {device} | torch {torch.__version__}")
+        logger.info(f"git {git_revision()} | device {device} | torch {torch.__version__}"
+                    + (f" | {info.world_size} processes (DistributedDataParallel)" if info.enabled else ""))
         logger.info("config " + json.dumps(cfg, sort_keys=False))
         for record in buffer.records:
             logger.handle(record)
-        dump_config(cfg, run_dir / "config.yaml")
+        if info.is_main:
+            dump_config(cfg, run_dir / "config.yaml")
         return _train(cfg, state, device, data, prior, sampler, student, run_dir, logger,
-                      lambda step: make_summary_writer(run_dir, purge_step=step))
+                      lambda step: make_summary_writer(run_dir, purge_step=step), info)
     except UserError as exc:
         logger.error("error: " + " ".join(str(exc).split()), extra={"file_only": True})
         raise
     finally:
         close_run_logger(logger)
+
+
+class _NullWriter:
+    """The SummaryWriter of a process that writes nothing (not the main one)."""
+
+    def add_scalar(self, *args, **kwargs):
+        pass
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
 
 
 class _LazyWriter:
@@ -261,7 +303,7 @@ class _LazyWriter:
             self.writer.close()
 
 
-def _train(cfg, state, device, data, prior, sampler, student, run_dir, logger, writer_factory):
+def _train(cfg, state, device, data, prior, sampler, student, run_dir, logger, writer_factory, info=DistInfo()):
     training, model_cfg, data_cfg = cfg["training"], cfg["model"], cfg["data"]
     epochs, seed, num_workers = training["epochs"], training["seed"], data_cfg["num_workers"]
     counts = data_counts(data, prior)
@@ -271,7 +313,8 @@ def _train(cfg, state, device, data, prior, sampler, student, run_dir, logger, w
                 f"test {counts['n_test']} ({counts['n_test_positive']} positive)"
                 + _heldout_note(data))
     logger.info(f"prior {prior:g}" + (" (from the data's metadata)" if cfg["loss"]["prior"] == "auto" else "")
-                + f" | {len(sampler)} batches of {training['batch_size']} per epoch, ratio "
+                + f" | {len(sampler)} batches of {sampler.batch_size}"
+                + (f" per process ({info.world_size} processes)" if info.enabled else "") + " per epoch, ratio "
                 f"{data_cfg['batch_ratio'][0]}:{data_cfg['batch_ratio'][1]}"
                 f" | {'selective' if cfg['loss']['selective'] else 'standard'} FixMatch")
 
@@ -281,7 +324,8 @@ def _train(cfg, state, device, data, prior, sampler, student, run_dir, logger, w
     student.to(memory_format=fmt)
     precision = make_precision(device, training["amp"])
     backends = configure_backends(device, training["deterministic"])
-    train_model = maybe_compile(student, training["compile"])
+    train_model = maybe_compile(wrap_ddp(student, info, device), training["compile"])
+    save = save_checkpoint if info.is_main else (lambda obj, path: None)  # only the main process writes
     logger.info(f"fast path: precision {precision.describe()}, "
                 f"{'channels-last' if fmt == torch.channels_last else 'contiguous'}, {backends}, "
                 f"torch.compile {'on' if training['compile'] else 'off'}")
@@ -334,7 +378,7 @@ def _train(cfg, state, device, data, prior, sampler, student, run_dir, logger, w
             if isinstance(results, dict):
                 return {**results, "run_dir": str(run_dir)}
 
-    writer = _LazyWriter(writer_factory, purge_step=start_epoch + 1)
+    writer = _LazyWriter(writer_factory if info.is_main else (lambda step: _NullWriter()), purge_step=start_epoch + 1)
     warned_nan_auc = False
     try:
         for epoch_index in range(start_epoch, epochs if not stopped else start_epoch):
@@ -342,22 +386,26 @@ def _train(cfg, state, device, data, prior, sampler, student, run_dir, logger, w
             sampler.set_epoch(epoch_index)
             stats = train_one_epoch(train_model, teacher, train_loader, optimizer, scheduler, params, epoch_index,
                                     device, desc=f"epoch {epoch} train",
-                                    generator=_aug_generator(device, seed, epoch_index), precision=precision,
-                                    memory_format=fmt)
+                                    generator=_aug_generator(device, seed + 7919 * info.rank, epoch_index),
+                                    precision=precision, memory_format=fmt)
+            # every process trained on its own batches: log the mean (counts and throughput: the sum)
+            stats = mean_over_processes(stats, info, device, sum_keys=("steps", "patches", "patches_per_s"))
             val = None
-            if val_loader is not None:
+            student_auc = float("nan")  # diagnostic: how far the EMA teacher lags behind the student
+            if val_loader is not None and info.is_main:
                 val = _metrics(*evaluate(teacher.model, val_loader, device, desc=f"epoch {epoch} val",
                                          precision=precision, memory_format=fmt))
-            student_auc = float("nan")  # diagnostic: how far the EMA teacher lags behind the student
-            if val is not None and teacher.enabled:
-                student_auc = _metrics(*evaluate(student, val_loader, device, desc=f"epoch {epoch} val (student)",
-                                                 precision=precision, memory_format=fmt))["auc"]
+                if val is not None and teacher.enabled:
+                    student_auc = _metrics(*evaluate(student, val_loader, device, desc=f"epoch {epoch} val (student)",
+                                                     precision=precision, memory_format=fmt))["auc"]
+            # the main process's validation decides best model and early stopping for all processes
+            val, student_auc = broadcast_object((val, student_auc), info)
             auc = val["auc"] if val is not None else float("nan")
             improved = not math.isnan(auc) and (best_auc is None or auc > best_auc)
             fallback = math.isnan(auc) and best_auc is None  # val cannot rank: keep the latest epoch
             if improved or fallback:
                 best_auc, best_epoch = (auc if improved else None), epoch
-                save_checkpoint({"model": teacher.model.state_dict(), "student": student.state_dict(), "config": cfg,
+                save({"model": teacher.model.state_dict(), "student": student.state_dict(), "config": cfg,
                                  "epoch": epoch, "val_metrics": val, "backbone": model_cfg["backbone"],
                                  "patch_size": int(data.patch_size), "prior": prior,
                                  "context": unwrap_model(student).context,
@@ -392,7 +440,7 @@ def _train(cfg, state, device, data, prior, sampler, student, run_dir, logger, w
                    if val is not None else "no val set")
                 + (" | new best" if improved else ""))
 
-            save_checkpoint({"epoch": epoch, "student": student.state_dict(), "teacher": teacher.state_dict(),
+            save({"epoch": epoch, "student": student.state_dict(), "teacher": teacher.state_dict(),
                              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                              "scaler": precision.scaler.state_dict(),
                              "best_auc": best_auc, "best_epoch": best_epoch, "early_stopping": early.state_dict(),
@@ -406,7 +454,17 @@ def _train(cfg, state, device, data, prior, sampler, student, run_dir, logger, w
                 break
     finally:
         writer.close()
-    return _finish(cfg, data, counts, teacher, test_loader, device, run_dir, logger, start_epoch)
+    if info.enabled:  # DDP's invariant; a failure here is a bug, not a user error
+        if not replicas_in_sync(student, info):
+            raise RuntimeError("the processes' student parameters differ after training (DDP out of sync)")
+        logger.info(f"student parameters identical on the {info.world_size} processes")
+    barrier(info)  # best_model.pt and last.pt are on disk
+    if info.is_main:
+        results = _finish(cfg, data, counts, teacher, test_loader, device, run_dir, logger, start_epoch)
+    barrier(info)
+    if not info.is_main:
+        results = {**json.loads((run_dir / "results.json").read_text(encoding="utf-8")), "run_dir": str(run_dir)}
+    return results
 
 
 def _finish(cfg, data, counts, teacher, test_loader, device, run_dir, logger, epochs_run):

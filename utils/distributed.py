@@ -1,0 +1,109 @@
+"""Multi-process training under ``torchrun`` (DistributedDataParallel), and the one-process default.
+
+``torchrun --nproc_per_node=K script.py ...`` starts K processes with ``RANK``, ``LOCAL_RANK``
+and ``WORLD_SIZE`` in their environment. :func:`init_distributed` reads them, joins the
+process group (NCCL on GPUs, gloo on the CPU) and picks the process's device (``cuda:LOCAL_RANK``
+on a GPU machine). Without those variables it returns a single-process :class:`DistInfo` and
+nothing else changes: every helper below is then a no-op.
+
+Only the main process (rank 0) writes logs, TensorBoard, checkpoints and results; every
+process computes the same validation metrics (the validation sets are small), so all of them
+take the same early-stopping decision without extra messages.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from utils.errors import UserError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self):
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def init_distributed(device):
+    """Join the process group when started by torchrun; return ``(DistInfo, device)``.
+
+    ``device`` is the resolved device of the config / flags: on CUDA each process takes
+    ``cuda:LOCAL_RANK``; on the CPU the processes share it (gloo).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo(), device
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPU(s): start torchrun with "
+                            f"--nproc_per_node <= {torch.cuda.device_count()}")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+    return DistInfo(rank=rank, world_size=world, local_rank=local), device
+
+
+def cleanup_distributed(info):
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info):
+    if info.enabled:
+        dist.barrier()
+
+
+def wrap_ddp(model, info, device):
+    """``DistributedDataParallel(model)`` when distributed, else ``model``."""
+    if not info.enabled:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def mean_over_processes(values, info, device, sum_keys=()):
+    """A dict of numbers averaged over the processes (each process passes its own); the keys in
+    ``sum_keys`` (counts, throughputs) are summed instead."""
+    if not info.enabled:
+        return values
+    keys = [k for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
+                     device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    out = {k: float(v) if k in sum_keys else float(v) / info.world_size for k, v in zip(keys, t.tolist())}
+    return {**values, **out}
+
+
+def broadcast_object(obj, info, src=0):
+    """``obj`` of process ``src`` on every process (e.g. a decision only rank 0 can take)."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def replicas_in_sync(model, info):
+    """Whether every process holds the same parameters (DDP's gradient averaging keeps them so).
+
+    Compares a float64 checksum of the parameters over the processes; True on one process.
+    """
+    if not info.enabled:
+        return True
+    params = [p.detach().double().sum() for p in model.parameters()]
+    checksum = torch.stack(params).sum().reshape(1).cpu()
+    gathered = [torch.zeros_like(checksum) for _ in range(info.world_size)]
+    dist.all_gather(gathered, checksum)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
