@@ -9,9 +9,16 @@ class InstanceSampler(torch.utils.data.Sampler):
     each epoch draws ``len(s)`` indices with probability proportional to ``s``, like
     ``WeightedRandomSampler(s, num_samples=len(s), replacement=True)``. The generator is
     seeded from ``(seed, epoch)``, so a resumed run sees the same order as an unbroken one.
+
+    Distributed training (``num_replicas`` processes): every process draws the same epoch order
+    and takes items ``rank, rank + W, ...`` of it (wrapped to ``ceil(n / W)`` items each, so all
+    processes run the same number of steps).
     """
 
-    def __init__(self, num_items, seed=0):
+    def __init__(self, num_items, seed=0, num_replicas=1, rank=0):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        self.num_replicas, self.rank = int(num_replicas), int(rank)
         self.num_items = num_items
         self.seed = seed
         self.epoch = 0
@@ -26,7 +33,7 @@ class InstanceSampler(torch.utils.data.Sampler):
         self.weights = None if weights is None else weights.detach().double().cpu()
 
     def __len__(self):
-        return self.num_items
+        return -(-self.num_items // self.num_replicas)
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
@@ -34,6 +41,9 @@ class InstanceSampler(torch.utils.data.Sampler):
             order = torch.randperm(self.num_items, generator=g)
         else:
             order = torch.multinomial(self.weights, self.num_items, replacement=True, generator=g)
+        if self.num_replicas > 1:
+            n = len(self) * self.num_replicas
+            order = order[torch.arange(n) % self.num_items][self.rank::self.num_replicas]
         return iter(order.tolist())
 
 

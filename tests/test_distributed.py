@@ -88,3 +88,54 @@ def test_two_gloo_processes_train_like_one(tmp_path):
     r2 = json.loads((two / "results.json").read_text())
     assert abs(r1["test"]["auc"] - r2["test"]["auc"]) < 0.1
     assert r2["epochs_run"] == r1["epochs_run"] == 3
+
+
+# ----------------------------------------------------------------------------- ANA (main.py)
+def test_sharded_instance_sampler():
+    from datasets.samplers import InstanceSampler
+    weights = torch.rand(11).double() + 0.1
+    full = InstanceSampler(11, seed=4)
+    full.set_epoch(3)
+    full.set_weights(weights)
+    order = list(full)
+    shards = []
+    for rank in range(2):
+        s = InstanceSampler(11, seed=4, num_replicas=2, rank=rank)
+        s.set_epoch(3)
+        s.set_weights(weights)
+        shards.append(list(s))
+        assert len(s) == len(shards[-1]) == 6
+    padded = order + order[:1]
+    assert shards[0] == padded[0::2] and shards[1] == padded[1::2]
+
+
+def test_two_gloo_processes_train_main_py_like_one(tmp_path):
+    from datasets.synthetic_ana import generate_ana_demo
+    from tests.conftest import cpu_argv
+    data = tmp_path / "ana"
+    generate_ana_demo(data, n_train=16, n_val=4, n_test=4, tiles_x=2, tiles_y=2, tile_size=128, num_classes=4,
+                      max_labels=3, seed=1)
+    runs = {}
+    for name, nproc in (("one", 1), ("two", 2)):
+        argv = cpu_argv(data, tmp_path / name, tmp_path / "cache", "--epoch", "2", "--sampling",
+                        "--trainingLabel", "pseudo", "--lr", "1e-3", "--weight_lr", "1e-3")
+        script = str(ROOT / "main.py")
+        cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
+               if nproc > 1 else [sys.executable, script])
+        proc = subprocess.run(cmd + argv, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = tmp_path / name
+    log = (runs["two"] / "output.txt").read_text()
+    assert "2 processes (DistributedDataParallel)" in log
+    assert "network and instance weights identical on the 2 processes" in log  # gathered weight updates
+    last1 = torch.load(runs["one"] / "last.pt", weights_only=True)
+    last2 = torch.load(runs["two"] / "last.pt", weights_only=True)
+    assert last2["epoch"] == last1["epoch"] == 2
+    # the two processes' batches together are the one-process batch, so every tile's weight took
+    # exactly the steps it took in one process (the gathered rows), and the weights end close
+    assert torch.equal(last2["weights"]["steps"], last1["weights"]["steps"]) and last1["weights"]["steps"].sum() > 0
+    assert float((last1["weights"]["alpha"] - last2["weights"]["alpha"]).abs().max()) < 0.01
+    r1 = json.loads((runs["one"] / "results.json").read_text())
+    r2 = json.loads((runs["two"] / "results.json").read_text())
+    assert abs(r1[0]["test_results"]["mAP"] - r2[0]["test_results"]["mAP"]) < 0.15

@@ -7,6 +7,7 @@ import torch
 from models.losses_ana import weighted_bce_loss
 from models.pseudo_labels import make_targets
 from utils.errors import UserError
+from utils.distributed import any_over_processes, gather_from_processes
 from utils.fast_path import make_precision
 from utils.logger import progress
 
@@ -33,7 +34,7 @@ class BatchPreprocessor:
 
 
 def train_one_epoch(model, loader, optimizer, weights, tile_labels, targets, preprocess, *,
-                    granularity, training_label, desc="train", precision=None):
+                    granularity, training_label, desc="train", precision=None, dist_info=None):
     """Train one epoch; update ``weights`` and the stored per-tile ``targets`` in place.
 
     ``tile_labels`` [T, C] are the bag labels of each tile; ``targets`` [T, C] receives the
@@ -41,10 +42,17 @@ def train_one_epoch(model, loader, optimizer, weights, tile_labels, targets, pre
     Batches whose targets are all zero are skipped (the reference's behaviour). ``precision``
     (:func:`utils.fast_path.make_precision`, default float32): the network's forward runs under
     autocast, the loss (with the instance weights) in float32 from float32 logits.
+
+    Distributed (``dist_info`` of :mod:`utils.distributed`, the model wrapped in DDP): the
+    processes' batches together are the one-process batch (see ``InstanceSampler``), so a step
+    is skipped only when none of them has a label; the instance-weight gradients, rows and
+    targets of all processes are gathered and every process applies all of them, so the learned
+    weights stay identical everywhere and take the one-process steps.
     Returns averaged numbers: loss per image, images seen, skipped batches, timings.
     """
     precision = precision or make_precision(preprocess.device, enabled=False)
     scaler = precision.scaler
+    distributed = dist_info is not None and dist_info.enabled
     model.train()
     device = preprocess.device
     total_loss, n_images, n_steps, skipped = 0.0, 0, 0, 0
@@ -58,8 +66,9 @@ def train_one_epoch(model, loader, optimizer, weights, tile_labels, targets, pre
         t_data += time.perf_counter() - tic
         alpha = weights.gather(idx)
         target = make_targets(tile_labels[idx], alpha, training_label)
-        if torch.any(target > 0):
-            targets[idx] = target
+        has_label = torch.any(target > 0)
+        step_now = has_label if not distributed else any_over_processes(has_label, dist_info)
+        if step_now:
             with precision.autocast():
                 logits = model(x)
             loss = weighted_bce_loss(logits.float(), target, alpha, granularity)
@@ -74,8 +83,12 @@ def train_one_epoch(model, loader, optimizer, weights, tile_labels, targets, pre
             scaler.step(optimizer)
             scaler.update()
             alpha_grad = alpha.grad * inv_scale if inv_scale != 1.0 else alpha.grad
+            rows = idx
+            if distributed:  # every process applies every process's rows: the global batch's
+                rows, alpha_grad, target = gather_from_processes((idx, alpha_grad, target), dist_info)
+            targets[rows] = target
             if not scaler.is_enabled() or torch.isfinite(alpha_grad).all():
-                weights.step(idx, alpha_grad)
+                weights.step(rows, alpha_grad)
             total_loss += loss_value
             n_images += len(idx)
             n_steps += 1

@@ -18,6 +18,8 @@ from models.pseudo_labels import TRAINING_LABELS
 from models.sample_weights import (GRANULARITIES, INIT_METHODS, LR_METHODS, InstanceWeights, init_weights,
                                    lr_coefficients, sampler_weights, weight_stats)
 from utils.ana_engine import BatchPreprocessor, bag_max, predict, train_one_epoch
+from utils.distributed import (DistInfo, barrier, broadcast_object, cleanup_distributed, init_distributed,
+                               mean_over_processes, replicas_in_sync, wrap_ddp)
 from utils.fast_path import make_precision, maybe_compile, memory_format
 from utils.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from utils.device import resolve_device
@@ -204,14 +206,23 @@ def run(args, cfg):
     # the model (and its pretrained weights) before anything is written: fail fast
     seed_everything(args.seed, args.deterministic)
     model = build_resnet_classifier(args.arch, num_classes, args.pretrained, args.pretrainedWeights)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    logger = setup_run_logger(str(run_dir.resolve()), run_dir / "output.txt")
+    info, device = init_distributed(device)  # torchrun: one process per GPU (or gloo on the CPU)
+    if args.trainBatchSize % info.world_size:
+        cleanup_distributed(info)
+        raise UserError(f"--trainBatchSize {args.trainBatchSize} is not divisible by the {info.world_size} "
+                        f"processes of torchrun; use a multiple of {info.world_size}")
+    barrier(info)  # every process has checked the run directory before the main one writes to it
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        logger = setup_run_logger(str(run_dir.resolve()), run_dir / "output.txt")
+    else:  # the other processes write nothing
+        logger = setup_run_logger(f"{run_dir.resolve()}#rank{info.rank}", None, console=False)
     writer = None
     try:
-        writer = make_summary_writer(run_dir)
+        writer = make_summary_writer(run_dir) if info.is_main else _NullWriter()
         for note in notes:
             logger.info(note)
-        return _train(args, cfg, device, model.to(device), tiles, num_classes, run_dir, logger, writer)
+        return _train(args, cfg, device, model.to(device), tiles, num_classes, run_dir, logger, writer, info)
     except UserError as exc:
         logger.error("error: " + " ".join(str(exc).split()), extra={"file_only": True})
         raise
@@ -219,12 +230,29 @@ def run(args, cfg):
         if writer is not None:
             writer.close()
         close_run_logger(logger)
+        cleanup_distributed(info)
 
 
-def _train(args, cfg, device, model, tiles, num_classes, run_dir, logger, writer):
-    logger.info(f"git {git_revision()} | device {device} | torch {torch.__version__}")
+class _NullWriter:
+    """The SummaryWriter of a process that writes nothing (not the main one)."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+class _NullResults:
+    def append(self, record):
+        pass
+
+    def truncate_after(self, epoch):
+        pass
+
+
+def _train(args, cfg, device, model, tiles, num_classes, run_dir, logger, writer, info=DistInfo()):
+    logger.info(f"git {git_revision()} | device {device} | torch {torch.__version__}"
+                + (f" | {info.world_size} processes (DistributedDataParallel)" if info.enabled else ""))
     logger.info("args " + json.dumps(dict(sorted(vars(args).items())), default=str))
-    if not args.loadModel:  # a resume keeps the original run's arguments (output.txt logs the new ones)
+    if not args.loadModel and info.is_main:  # a resume keeps the original run's arguments (output.txt logs the new ones)
         atomic_write(run_dir / "args.json", lambda f: json.dump(vars(args), f, indent=2, default=str), mode="w")
     for split, ts in tiles.items():
         logger.info(f"{split}: {describe(ts)}")
@@ -235,8 +263,12 @@ def _train(args, cfg, device, model, tiles, num_classes, run_dir, logger, writer
         logger.info("note: every training image has one label, so ulr-adaptive gives every weight learning rate "
                     "0 and the weights keep their initial values (use --updateLR ulr-ones to let them move)")
 
-    caches = {split: build_tile_cache(ts, args.imageSize, args.cacheDir, args.numWorkers, desc=split)
-              for split, ts in tiles.items()}
+    caches = {}
+    for first in (True, False):  # the main process decodes the tiles, the others then reuse its cache
+        if first == info.is_main:
+            caches = {split: build_tile_cache(ts, args.imageSize, args.cacheDir, args.numWorkers, desc=split)
+                      for split, ts in tiles.items()}
+        barrier(info)
     logger.info(f"model {args.arch}, {num_classes} classes, "
                 + ("ImageNet-pretrained" if args.pretrained else "random initialisation (--no-pretrained)"))
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weightDecay)
@@ -247,21 +279,24 @@ def _train(args, cfg, device, model, tiles, num_classes, run_dir, logger, writer
     weights = InstanceWeights(init_weights(train.tile_labels, args.initWeight, args.granularity),
                               lr=args.weight_lr, weight_decay=args.weightDecay).to(device)
     weights.set_lr_scale(lr_coefficients(targets, args.updateLR))
-    sampler = InstanceSampler(len(train), seed=args.seed)
-    train_loader = _loader(CachedTileDataset(caches["train"]), args.trainBatchSize, args.numWorkers, device, sampler)
+    sampler = InstanceSampler(len(train), seed=args.seed, num_replicas=info.world_size, rank=info.rank)
+    # --trainBatchSize is the global batch: each process takes its share
+    train_loader = _loader(CachedTileDataset(caches["train"]), args.trainBatchSize // info.world_size,
+                           args.numWorkers, device, sampler)
     val_loader = _loader(CachedTileDataset(caches["val"]), args.testBatchSize, args.numWorkers, device)
     test_loader = _loader(CachedTileDataset(caches["test"]), args.testBatchSize, args.numWorkers, device)
     # GPU fast path (utils/fast_path.py; no-ops on the CPU); cudnn.benchmark is set by seed_everything
     fmt = memory_format(device, args.channelsLast)
     model.to(memory_format=fmt)
     precision = make_precision(device, args.amp)
-    train_model = maybe_compile(model, args.compile)
+    train_model = maybe_compile(wrap_ddp(model, info, device), args.compile)
+    save = save_checkpoint if info.is_main else (lambda obj, path: None)  # only the main process writes
     logger.info(f"fast path: precision {precision.describe()}, "
                 f"{'channels-last' if fmt == torch.channels_last else 'contiguous'}, "
                 f"torch.compile {'on' if args.compile else 'off'}")
     preprocess = BatchPreprocessor(cfg.MEAN, cfg.STD, device, memory_format=fmt)
 
-    results = ResultsFile(run_dir / "results.json")
+    results = ResultsFile(run_dir / "results.json") if info.is_main else _NullResults()
     early = EarlyStopping(args.patience)
     best, best_files, start_epoch = {}, {}, 1
     last_val, last_test = {}, {}
@@ -307,14 +342,18 @@ def _train(args, cfg, device, model, tiles, num_classes, run_dir, logger, writer
             optimizer.state.clear()
         stats = train_one_epoch(train_model, train_loader, optimizer, weights, tile_labels, targets, preprocess,
                                 granularity=args.granularity, training_label=args.trainingLabel,
-                                desc=f"epoch {epoch} train", precision=precision)
-        val_probs = predict(model, val_loader, preprocess, desc=f"epoch {epoch} val", precision=precision)
-        last_val = metric_fn(tiles["val"].tile_labels, val_probs)
+                                desc=f"epoch {epoch} train", precision=precision, dist_info=info)
+        stats = mean_over_processes(stats, info, device, sum_keys=("images", "steps", "images_per_s", "skipped_batches"))
+        if info.is_main:  # the main process validates; its metrics decide for every process
+            val_probs = predict(model, val_loader, preprocess, desc=f"epoch {epoch} val", precision=precision)
+            last_val = metric_fn(tiles["val"].tile_labels, val_probs)
+        last_val = broadcast_object(last_val, info)
         improved = best_improved(best, last_val, keys=tuple(BEST_METRICS))
         logger.info(f"epoch {epoch} | loss {stats['loss']:.4f} | {stats['images_per_s']:.1f} img/s | "
                     f"skipped {stats['skipped_batches']} | val {format_metrics(last_val, log_keys)}")
         if improved:
             best.update({k: last_val[k] for k in improved})
+        if improved and info.is_main:
             test = tiles["test"]
             bag_probs = bag_max(predict(model, test_loader, preprocess, desc=f"epoch {epoch} test", precision=precision),
                                 test.tile_bag, len(test.bags))
@@ -330,7 +369,7 @@ def _train(args, cfg, device, model, tiles, num_classes, run_dir, logger, writer
             if args.saveModel:
                 for key in improved:
                     name = f"{epoch}_{BEST_METRICS[key]}.pt"
-                    save_checkpoint(model.state_dict(), run_dir / name)
+                    save(model.state_dict(), run_dir / name)
                     old = best_files.get(key)
                     if old and old != name and (run_dir / old).is_file():
                         (run_dir / old).unlink()
@@ -351,7 +390,12 @@ def _train(args, cfg, device, model, tiles, num_classes, run_dir, logger, writer
         logger.info(f"epoch {epoch} | weights mean {wstats['mean']:.4f} dropped {wstats['dropped_fraction']:.3f}"
                     + (f" | sampler entropy {entropy:.3f}" if args.sampling else ""))
 
-        save_checkpoint({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        if info.enabled:  # DDP's invariant, and the gathered weight updates'; a failure is a bug
+            if not replicas_in_sync([*model.parameters(), weights.alpha], info):
+                raise RuntimeError("the processes' network or instance weights differ (distributed update out of sync)")
+            if epoch == start_epoch:
+                logger.info(f"network and instance weights identical on the {info.world_size} processes")
+        save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scaler": precision.scaler.state_dict(),
                          "weights": weights.state_dict(), "targets": targets.cpu(), "early_stopping": early.state_dict(),
                          "best": best, "best_files": best_files, "rng": rng_state(), "stopped": stop,

@@ -95,15 +95,47 @@ def broadcast_object(obj, info, src=0):
     return box[0]
 
 
-def replicas_in_sync(model, info):
-    """Whether every process holds the same parameters (DDP's gradient averaging keeps them so).
+def replicas_in_sync(tensors, info):
+    """Whether every process holds the same values of ``tensors`` (a module's parameters or any
+    tensors; DDP's gradient averaging keeps the parameters so).
 
-    Compares a float64 checksum of the parameters over the processes; True on one process.
+    Compares a float64 checksum over the processes; True on one process.
     """
     if not info.enabled:
         return True
-    params = [p.detach().double().sum() for p in model.parameters()]
+    if isinstance(tensors, torch.nn.Module):
+        tensors = tensors.parameters()
+    params = [p.detach().double().sum() for p in tensors]
     checksum = torch.stack(params).sum().reshape(1).cpu()
     gathered = [torch.zeros_like(checksum) for _ in range(info.world_size)]
     dist.all_gather(gathered, checksum)
     return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def any_over_processes(flag, info):
+    """Whether ``flag`` (a 0-dim bool tensor) is true on any process (a host sync)."""
+    if not info.enabled:
+        return bool(flag)
+    t = flag.detach().to(torch.int32).reshape(1)
+    t = t.cpu() if t.device.type != "cuda" else t
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_from_processes(tensors, info):
+    """Concatenate each tensor of ``tensors`` over the processes (rank order); all processes
+    must pass tensors of the same shapes."""
+    if not info.enabled:
+        return tensors
+    out = []
+    for t in tensors:
+        src = t.detach().contiguous()
+        on_cpu = src.device.type != "cuda"
+        work = src.cpu() if on_cpu else src
+        if work.dtype == torch.bool:
+            work = work.to(torch.uint8)
+        parts = [torch.empty_like(work) for _ in range(info.world_size)]
+        dist.all_gather(parts, work)
+        cat = torch.cat(parts).to(src.device)
+        out.append(cat.bool() if t.dtype == torch.bool else cat)
+    return tuple(out)
