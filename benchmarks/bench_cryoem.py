@@ -61,13 +61,15 @@ import torch
 import torch.nn.functional as F
 
 from datasets.cryoem_dataset_pu import PUBatchSampler
-from datasets.cryoem_preprocess import crops_at
+from datasets.cryoem_preprocess import crops_at, prepare_micrograph
+from datasets.micrographs import read_micrograph
 from models.dense import TRUNK_STRIDE, map_shape, probability_map
 from models.fixmatch_pu import EMATeacher, FixMatchPUModel
 from utils.cryoem_config import default_config
 from utils.cryoem_engine import StepParams, train_one_epoch
 from utils.device import resolve_device
 from utils.errors import UserError, exit_on_user_error
+from utils.particle_picker import load_picker
 from utils.picking import find_peaks, match_picks
 from utils.seed import seed_everything
 
@@ -116,6 +118,15 @@ def build_parser():
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads; 0 keeps torch's setting, e.g. from OMP_NUM_THREADS (default: 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, the weights and the augmentations (default: 0)")
+    p.add_argument("--checkpoint", default=None,
+                   help="picking with this trained best_model.pt (its patch size and context) instead of the "
+                        "briefly trained student (default: none)")
+    p.add_argument("--micrograph", default=None,
+                   help="with --checkpoint: pick on this micrograph, prepared like the checkpoint's training data "
+                        "(default: the generated one)")
+    p.add_argument("--n-particles", type=int, default=600,
+                   help="with --micrograph: about how many particles it holds; sets the pick threshold of the "
+                        "dense-vs-crops comparison (default: %(default)s)")
     return p
 
 
@@ -392,9 +403,23 @@ def _main(argv=None):
     sup_rate, fm_rate = n_train / sup_s, n_train / fm_s
     del supervised, sup_opt
 
-    # ---- picking with the trained student
+    # ---- picking with the trained student, or a given checkpoint (on a given micrograph)
     model = student.eval()
-    na, nb = map_shape(size, size, STRIDE)
+    n_particles = len(centres)
+    if args.checkpoint:
+        model, ckpt = load_picker(args.checkpoint, device)
+        ps = int(ckpt["patch_size"])
+        if args.micrograph:
+            meta = ckpt.get("data_metadata") or {}
+            image, _ = prepare_micrograph(read_micrograph(args.micrograph), meta.get("downsample", 1.0),
+                                          meta.get("normalization", "zscore"), device=device)
+            n_particles = args.n_particles
+        print(f"picking with {args.checkpoint} (patch {ps} px, context {ckpt.get('context', 0)})"
+              + (f" on {args.micrograph}, {image.shape[1]}x{image.shape[0]} after downsampling" if args.micrograph
+                 else ""), flush=True)
+    size = image.shape[0]
+    loop_size = min(loop_size, size)
+    na, nb = map_shape(*image.shape, STRIDE)
 
     maps, seconds = {}, {"dense": [], "crops": []}
     for mode in seconds:  # warm-up calls
@@ -406,7 +431,7 @@ def _main(argv=None):
     dense_s, crops_s = (float(np.median(seconds[mode])) for mode in ("dense", "crops"))
     dense_map, crop_map = maps["dense"], maps["crops"]
     diff = (dense_map - crop_map).abs()
-    agreement = pick_agreement(dense_map, crop_map, len(centres))
+    agreement = pick_agreement(dense_map, crop_map, n_particles)
 
     small = image[:loop_size, :loop_size]
     crop_loop_map(model, small[:STRIDE, :STRIDE * 2], ps, STRIDE, args.loop_batch)  # warm-up: a few crops
@@ -437,7 +462,7 @@ def _main(argv=None):
     def met(speedup):
         return f"target >= {SPEEDUP_TARGET:g}x: {'met' if speedup >= SPEEDUP_TARGET else 'NOT met'}"
 
-    mp = f"{size}x{size}"
+    mp = f"{image.shape[1]}x{image.shape[0]}"
     print()
     print_table([
         ("train: supervised step (patches/s)", _fmt(sup_rate, 1), f"BCE + Adam, {steps} steps of {bs}"),
