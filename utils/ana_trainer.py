@@ -25,7 +25,7 @@ from utils.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from utils.device import resolve_device
 from utils.early_stopping import EarlyStopping
 from utils.errors import UserError
-from utils.logger import close_run_logger, git_revision, make_summary_writer, setup_run_logger
+from utils.logger import NullSummaryWriter, close_run_logger, git_revision, make_summary_writer, setup_run_logger
 from utils.figures import confusion_matrix_image
 from utils.metrics import best_improved, format_metrics, multilabel_metrics, singlelabel_metrics
 from utils.results import ResultsFile
@@ -219,7 +219,7 @@ def run(args, cfg):
         logger = setup_run_logger(f"{run_dir.resolve()}#rank{info.rank}", None, console=False)
     writer = None
     try:
-        writer = make_summary_writer(run_dir) if info.is_main else _NullWriter()
+        writer = make_summary_writer(run_dir) if info.is_main else NullSummaryWriter()
         for note in notes:
             logger.info(note)
         return _train(args, cfg, device, model.to(device), tiles, num_classes, run_dir, logger, writer, info)
@@ -231,13 +231,6 @@ def run(args, cfg):
             writer.close()
         close_run_logger(logger)
         cleanup_distributed(info)
-
-
-class _NullWriter:
-    """The SummaryWriter of a process that writes nothing (not the main one)."""
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
 
 
 class _NullResults:

@@ -35,7 +35,7 @@ from utils.distributed import (DistInfo, barrier, broadcast_object, cleanup_dist
                                mean_over_processes, replicas_in_sync, wrap_ddp)
 from utils.errors import UserError
 from utils.fast_path import configure_backends, make_precision, maybe_compile, memory_format
-from utils.logger import close_run_logger, git_revision, make_summary_writer, setup_run_logger
+from utils.logger import NullSummaryWriter, close_run_logger, git_revision, make_summary_writer, setup_run_logger
 from utils.metrics import binary_metrics
 from utils.results import to_json_safe, write_json
 from utils.seed import rng_state, seed_everything, seed_worker, set_rng_state
@@ -270,19 +270,6 @@ def _run(cfg, args, state, run_dir, device, info):
         close_run_logger(logger)
 
 
-class _NullWriter:
-    """The SummaryWriter of a process that writes nothing (not the main one)."""
-
-    def add_scalar(self, *args, **kwargs):
-        pass
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
-
-
 class _LazyWriter:
     """Creates the SummaryWriter on first use, so a finished run that is resumed gets no new event file."""
 
@@ -378,7 +365,8 @@ def _train(cfg, state, device, data, prior, sampler, student, run_dir, logger, w
             if isinstance(results, dict):
                 return {**results, "run_dir": str(run_dir)}
 
-    writer = _LazyWriter(writer_factory if info.is_main else (lambda step: _NullWriter()), purge_step=start_epoch + 1)
+    factory = writer_factory if info.is_main else (lambda step: NullSummaryWriter())
+    writer = _LazyWriter(factory, purge_step=start_epoch + 1)
     warned_nan_auc = False
     try:
         for epoch_index in range(start_epoch, epochs if not stopped else start_epoch):

@@ -78,3 +78,11 @@ def make_summary_writer(log_dir, purge_step=None):
     from torch.utils.tensorboard import SummaryWriter  # heavy import: only when a run starts
 
     return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+
+class NullSummaryWriter:
+    """Stands in for a SummaryWriter where nothing is written (the non-main processes of a
+    distributed run): every method accepts anything and does nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
