@@ -45,7 +45,7 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,8 +54,8 @@ import torch
 import torch.nn.functional as F
 from scipy.spatial import cKDTree
 
-from datasets.micrographs import (check_coordinates, list_micrographs, micrograph_key, read_coordinates,
-                                  read_micrograph, write_csv)
+from datasets.micrographs import (check_coordinates, list_micrographs, micrograph_key, micrograph_shape,
+                                  read_coordinates, read_micrograph, write_csv)
 from utils.checkpoint import save_checkpoint
 from utils.errors import UserError
 from utils.results import to_json_safe, write_json
@@ -151,7 +151,6 @@ class PreprocessOptions:
     seed: int = 0
     chunk_size: int = 20000
     dtype: str = "float16"
-    extra: dict = field(default_factory=dict)
 
     def check(self):
         """UserError naming the flag for a value out of range."""
@@ -216,10 +215,11 @@ def _labelled_subset(n, opts, rng):
 
 
 class _ChunkWriter:
-    """Collects patches and writes ``chunk_NNN.pt`` files of about ``chunk_size`` patches."""
+    """Collects patches and writes ``chunk_NNN.pt`` files of ``chunk_size`` patches, each with
+    the run's ``metadata``; a single file becomes ``preprocessed_data.pt``."""
 
-    def __init__(self, folder, chunk_size, dtype):
-        self.folder, self.chunk_size, self.dtype = folder, chunk_size, dtype
+    def __init__(self, folder, chunk_size, dtype, metadata):
+        self.folder, self.chunk_size, self.dtype, self.metadata = folder, chunk_size, dtype, metadata
         self.pos, self.unl, self.n_buffered, self.files = [], [], 0, []
         self.n_pos = self.n_unl = 0
 
@@ -240,18 +240,15 @@ class _ChunkWriter:
         n = self.n_buffered if n is None else n
         k = min(n, len(pos))
         path = self.folder / f"chunk_{len(self.files):03d}.pt"
-        save_checkpoint({"patches": {"positive": pos[:k].clone(), "unlabeled": unl[:n - k].clone()}}, path)
+        save_checkpoint({"patches": {"positive": pos[:k].clone(), "unlabeled": unl[:n - k].clone()},
+                         "metadata": self.metadata}, path)
         self.files.append(path)
         self.pos, self.unl = [pos[k:]], [unl[n - k:]]
         self.n_buffered -= n
 
-    def finish(self, metadata):
-        """Write the rest; put ``metadata`` in every file; one file becomes preprocessed_data.pt."""
+    def finish(self):
+        """Write the rest; one file only becomes preprocessed_data.pt."""
         self.flush()
-        for path in self.files:
-            obj = torch.load(path, weights_only=True)
-            obj["metadata"] = metadata
-            save_checkpoint(obj, path)
         if len(self.files) == 1:
             target = self.folder / "preprocessed_data.pt"
             os.replace(self.files[0], target)
@@ -274,6 +271,25 @@ def existing_data(out_dir):
     return sorted(p.name for p in list(out_dir.glob("chunk_*.pt")) + [out_dir / n for n in DATA_FILES] if p.exists())
 
 
+def _prior(opts, train_geometry, train_sizes):
+    """The class prior of the training micrographs (module docstring); UserError when it is unusable."""
+    if opts.expected_particles is None:
+        n_close = sum(int((g[4] <= opts.pos_radius).sum()) for g in train_geometry)
+        n_windows = sum(len(g[3]) for g in train_geometry)
+        prior = n_close / n_windows if n_windows else float("nan")
+        if prior == 0:
+            raise UserError(f"no unlabelled window is centred within {opts.pos_radius:g} px (--positive-radius) of an "
+                            f"annotated particle, so the prior estimate is 0: use a smaller --stride or a larger "
+                            f"--positive-radius")
+    else:
+        disc = math.pi * opts.pos_radius ** 2
+        prior = float(np.mean([min(opts.expected_particles * disc / (H * W), 1.0) for H, W in train_sizes]))
+    if not 0 < prior < 1:
+        raise UserError(f"the prior estimate is {prior:g}, expected a value in (0, 1): check --particle-radius "
+                        f"/ --positive-radius / --expected-particles")
+    return prior
+
+
 def run_preprocess(micrograph_inputs, coordinates_path, out_dir, opts, logger=None, overwrite=False):
     """Write the training files for ``micrograph_inputs`` + ``coordinates_path`` into ``out_dir``.
 
@@ -292,35 +308,60 @@ def run_preprocess(micrograph_inputs, coordinates_path, out_dir, opts, logger=No
     coords, info = read_coordinates(coordinates_path)
     log.info(info)
 
-    sizes = {}
-    for path in paths:  # read once up front: an unreadable file fails before anything is written
-        arr = read_micrograph(path)
-        sizes[micrograph_key(path.name)] = arr.shape
-        del arr
+    # headers only: the micrograph sizes fix the frames, the windows and the prior before any
+    # pixel is decoded (an unreadable file found later still leaves out_dir untouched)
+    sizes = {micrograph_key(p.name): micrograph_shape(p) for p in paths}
     coords = check_coordinates(coords, sizes, str(coordinates_path), log)
     by_key = {k: g[["x", "y"]].to_numpy(np.float64) for k, g in coords.groupby("key", sort=False)}
+    P = opts.patch_size
+    full = P + 2 * opts.context  # stored patch: the window and its context on every side
+    geometry = {}  # key -> (h, w, scale, window centres, distance of each window to the nearest particle)
+    for path in paths:
+        key = micrograph_key(path.name)
+        H, W = sizes[key]
+        h, w = max(1, round(H / opts.downsample)), max(1, round(W / opts.downsample))  # as prepare_micrograph
+        if h < P or w < P:
+            raise UserError(f"{path}: {w}x{h} px after downsampling by {opts.downsample:g} is smaller than "
+                            f"--patch-size {P}")
+        scale = (W / w, H / h)
+        centres = window_centres(h, w, P, opts.stride)
+        dist = _nearest_distance(to_original(centres[:, ::-1], scale), by_key.get(key, np.zeros((0, 2))))
+        geometry[key] = (h, w, scale, centres, dist)
+    prior = _prior(opts, [geometry[k] for k in geometry if roles[k] == "train"],
+                   [sizes[k] for k in sizes if roles[k] == "train"])
+    metadata = to_json_safe({
+        "format_version": FORMAT_VERSION, "tool": "preprocess_cryoem.py",
+        "patch_size": full, "window_size": P, "context": opts.context, "stride": opts.stride,
+        "downsample": float(opts.downsample), "normalization": opts.normalization,
+        "particle_radius": float(opts.particle_radius), "positive_radius": float(opts.pos_radius),
+        "prior": float(prior),
+        "prior_method": ("expected_particles" if opts.expected_particles is not None
+                         else "annotated coordinates: fraction of unlabelled windows within positive_radius"),
+        "expected_particles": opts.expected_particles,
+        "labelled_fraction": None if opts.labelled_count is not None else float(opts.labelled_fraction),
+        "labelled_count": opts.labelled_count, "seed": opts.seed, "dtype": opts.dtype,
+        "coordinates": str(coordinates_path),
+        "source_micrographs": [p.name for p in paths if roles[micrograph_key(p.name)] == "train"],
+        "val_micrographs": [p.name for p in paths if roles[micrograph_key(p.name)] == "val"],
+        "test_micrographs": [p.name for p in paths if roles[micrograph_key(p.name)] == "test"],
+    })
 
     rng = np.random.default_rng(opts.seed)
     dtype = DTYPES[opts.dtype]
-    P = opts.patch_size
-    full = P + 2 * opts.context  # stored patch: the window and its context on every side
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".preprocess-", dir=out_dir))
     try:
-        writer = _ChunkWriter(tmp, opts.chunk_size, dtype)
+        writer = _ChunkWriter(tmp, opts.chunk_size, dtype, metadata)
         held = {"val": {"patches": [], "labels": []}, "test": {"patches": [], "labels": []}}
-        per_mic, labelled_rows, prior_num, prior_den = {}, [], 0, 0
+        per_mic, labelled_rows = {}, []
         for path in paths:
             key = micrograph_key(path.name)
-            image, scale = prepare_micrograph(read_micrograph(path), opts.downsample, opts.normalization)
-            h, w = image.shape
-            if h < P or w < P:
-                raise UserError(f"{path}: {w}x{h} px after downsampling by {opts.downsample:g} is smaller than "
-                                f"--patch-size {P}")
+            h, w, scale, centres, dist = geometry[key]
+            image, _ = prepare_micrograph(read_micrograph(path), opts.downsample, opts.normalization)
+            if tuple(image.shape) != (h, w):
+                raise UserError(f"{path}: decoded as {image.shape[1]}x{image.shape[0]} px after downsampling, but its "
+                                f"header says {w}x{h}")
             xy = by_key.get(key, np.zeros((0, 2)))
-            centres = window_centres(h, w, P, opts.stride)
-            win_xy = to_original(centres[:, ::-1], scale)
-            dist = _nearest_distance(win_xy, xy)
             particle_rc = np.rint(to_downsampled(xy, scale)[:, ::-1]).astype(np.int64)
             role = roles[key]
             stats = {"role": role, "size": [int(sizes[key][1]), int(sizes[key][0])], "n_annotated": len(xy)}
@@ -329,12 +370,6 @@ def run_preprocess(micrograph_inputs, coordinates_path, out_dir, opts, logger=No
                 writer.add(crops_at(image, particle_rc[keep], full), crops_at(image, centres, full))
                 for x, y in xy[keep]:
                     labelled_rows.append((path.name, float(x), float(y)))
-                if opts.expected_particles is None:
-                    prior_num += int((dist <= opts.pos_radius).sum())
-                    prior_den += len(centres)
-                else:
-                    frac = opts.expected_particles * math.pi * opts.pos_radius ** 2 / (sizes[key][0] * sizes[key][1])
-                    prior_num, prior_den = prior_num + min(frac, 1.0), prior_den + 1
                 stats.update(n_labelled=len(keep), n_unlabeled=len(centres))
                 if len(xy) == 0:
                     log.warning("%s: no annotated particle in %s: it gives unlabelled patches only",
@@ -355,30 +390,7 @@ def run_preprocess(micrograph_inputs, coordinates_path, out_dir, opts, logger=No
         if writer.n_pos == 0:
             raise UserError(f"no labelled positive: no annotated particle of {coordinates_path} lies on a training "
                             f"micrograph")
-        prior = prior_num / prior_den if prior_den else float("nan")
-        if prior == 0 and opts.expected_particles is None:
-            raise UserError(f"no unlabelled window is centred within {opts.pos_radius:g} px (--positive-radius) of an "
-                            f"annotated particle, so the prior estimate is 0: use a smaller --stride or a larger "
-                            f"--positive-radius")
-        if not 0 < prior < 1:
-            raise UserError(f"the prior estimate is {prior:g}, expected a value in (0, 1): check --particle-radius "
-                            f"/ --positive-radius / --expected-particles")
-        metadata = to_json_safe({
-            "format_version": FORMAT_VERSION, "tool": "preprocess_cryoem.py",
-            "patch_size": full, "window_size": P, "context": opts.context, "stride": opts.stride, "downsample": float(opts.downsample),
-            "normalization": opts.normalization, "particle_radius": float(opts.particle_radius),
-            "positive_radius": float(opts.pos_radius), "prior": float(prior),
-            "prior_method": ("expected_particles" if opts.expected_particles is not None
-                             else "annotated coordinates: fraction of unlabelled windows within positive_radius"),
-            "expected_particles": opts.expected_particles,
-            "labelled_fraction": None if opts.labelled_count is not None else float(opts.labelled_fraction),
-            "labelled_count": opts.labelled_count, "seed": opts.seed, "dtype": opts.dtype,
-            "coordinates": str(coordinates_path),
-            "source_micrographs": [p.name for p in paths if roles[micrograph_key(p.name)] == "train"],
-            "val_micrographs": [p.name for p in paths if roles[micrograph_key(p.name)] == "val"],
-            "test_micrographs": [p.name for p in paths if roles[micrograph_key(p.name)] == "test"],
-        })
-        files = writer.finish(metadata)
+        files = writer.finish()
         for role, parts in held.items():
             if parts["patches"]:
                 save_checkpoint({"patches": torch.cat(parts["patches"]), "labels": torch.cat(parts["labels"])},
@@ -388,7 +400,7 @@ def run_preprocess(micrograph_inputs, coordinates_path, out_dir, opts, logger=No
         summary = {"metadata": metadata, "micrographs": per_mic,
                    "n_positive": writer.n_pos, "n_unlabeled": writer.n_unl,
                    "files": [p.name for p in files] + [f"{r}.pt" for r in held if held[r]["patches"]],
-                   "options": to_json_safe({k: v for k, v in asdict(opts).items() if k != "extra"})}
+                   "options": to_json_safe(asdict(opts))}
         write_json(tmp / "preprocess.json", summary)
         _install(tmp, out_dir)
     finally:

@@ -147,6 +147,41 @@ def read_micrograph(path):
     return image
 
 
+def micrograph_shape(path):
+    """``(H, W)`` of a micrograph from its header, without decoding the pixels (same checks and
+    errors as :func:`read_micrograph` where the header shows them)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: micrograph file does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in MICROGRAPH_SUFFIXES:
+        raise UserError(f"{path}: unknown micrograph suffix '{path.suffix}'; expected one of "
+                        f"{', '.join(MICROGRAPH_SUFFIXES)}")
+    try:
+        if suffix in (".mrc", ".mrcs"):
+            with mrcfile.mmap(path, mode="r", permissive=True) as mrc:
+                if mrc.data is None:
+                    raise ValueError("no readable data (header invalid)")
+                shape = mrc.data.shape
+                if len(shape) == 3 and shape[0] > 1:
+                    raise UserError(f"{path}: MRC holds {shape[0]} sections {tuple(shape)}; "
+                                    f"expected one micrograph [H, W] or [1, H, W]")
+                shape = shape[-2:]
+        else:
+            with Image.open(path) as img:
+                pages = getattr(img, "n_frames", 1)
+                if pages > 1:
+                    raise UserError(f"{path}: image has {pages} pages; expected a single-page image")
+                shape = (img.height, img.width)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"{path}: cannot be read as a micrograph ({_one_line(exc)})") from None
+    if len(shape) != 2 or 0 in shape:
+        raise UserError(f"{path}: image has shape {tuple(shape)}; expected a non-empty 2-D image")
+    return int(shape[0]), int(shape[1])
+
+
 def _read_mrc(path):
     try:
         # mmap: a stack is refused from its header without reading all its sections.

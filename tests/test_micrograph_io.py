@@ -347,3 +347,21 @@ def test_real_empiar10017_sample():
     assert len(check_coordinates(star, sizes, "coordinates.star", logging.getLogger("t"))) == 2363
     image = read_micrograph(paths[0])
     assert image.shape == (4096, 4096) and image.dtype == np.float32
+
+
+def test_micrograph_shape_reads_the_header_only(tmp_path):
+    from datasets.micrographs import micrograph_shape
+    a = np.arange(5 * 7, dtype=np.float32).reshape(5, 7)
+    with mrcfile.new(tmp_path / "m.mrc") as mrc:
+        mrc.set_data(a)
+    Image.fromarray(a.astype(np.uint8)).save(tmp_path / "m.png")
+    Image.fromarray(a).save(tmp_path / "m.tif")
+    for name in ("m.mrc", "m.png", "m.tif"):
+        assert micrograph_shape(tmp_path / name) == read_micrograph(tmp_path / name).shape == (5, 7)
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match="bad.png"):
+        micrograph_shape(tmp_path / "bad.png")
+    with mrcfile.new(tmp_path / "stack.mrc") as mrc:
+        mrc.set_data(np.zeros((2, 4, 4), dtype=np.float32))
+    with pytest.raises(UserError, match="2 sections"):
+        micrograph_shape(tmp_path / "stack.mrc")
