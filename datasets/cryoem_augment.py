@@ -80,14 +80,14 @@ def _per_sample(v):
 
 # ------------------------------------------------------------------------------- geometry
 
-def _sample_geometry(n, generator, device, dtype):
+def _sample_geometry(n, generator, device, dtype, shift_fraction=MAX_SHIFT_FRACTION):
     """Weak geometric parameters for n samples: D4 element, rotation (rad), shift (normalised)."""
     transpose = _coin(n, generator, device)
     hflip = _coin(n, generator, device)
     vflip = _coin(n, generator, device)
     angle = _uniform(-WEAK_MAX_ROTATION, WEAK_MAX_ROTATION, n, generator, device, dtype)
     # grid_sample's normalised coordinates span 2 units over S pixels: d px = 2 d / S units.
-    max_shift = 2.0 * MAX_SHIFT_FRACTION
+    max_shift = 2.0 * shift_fraction
     shift = _uniform(-max_shift, max_shift, (n, 2), generator, device, dtype)
     return {"transpose": transpose, "hflip": hflip, "vflip": vflip,
             "angle": torch.deg2rad(angle), "shear": torch.zeros(n, device=device, dtype=dtype),
@@ -171,10 +171,10 @@ def _choose_ops(n, generator, device):
     return chosen.scatter_(1, order[:, :OPS_PER_SAMPLE], True)
 
 
-def _sample_strong(shape, generator, device, dtype):
+def _sample_strong(shape, generator, device, dtype, shift_fraction=MAX_SHIFT_FRACTION):
     """All strong parameters for a batch of ``shape`` (drawn in a fixed order, used or not)."""
     n = shape[0]
-    params = _sample_geometry(n, generator, device, dtype)
+    params = _sample_geometry(n, generator, device, dtype, shift_fraction)
     chosen = _choose_ops(n, generator, device)
     params["ops"] = {name: chosen[:, i] for i, name in enumerate(STRONG_OPS)}
 
@@ -239,30 +239,33 @@ def _cutout(x, params):
 
 # ------------------------------------------------------------------------------ public API
 
-def weak_augment(x, generator=None):
+def weak_augment(x, generator=None, shift_fraction=MAX_SHIFT_FRACTION):
     """Weak view of a batch x [B, 1, S, S]: random D4 symmetry, +-10 deg rotation, shift.
 
     Returns a new tensor of x's shape and dtype. ``generator`` (on x's device) makes it
-    reproducible. See the module docstring for the distributions.
+    reproducible. See the module docstring for the distributions. ``shift_fraction``: the
+    largest shift per axis as a fraction of S (1/8); a patch that carries context around a
+    classified window of side P passes P / (8 S), so the particle moves by at most P/8 in the
+    window whatever the context.
     """
     if not _check_batch(x):
         return x.clone()
     dtype = _work_dtype(x)
-    params = _sample_geometry(x.shape[0], generator, x.device, dtype)
+    params = _sample_geometry(x.shape[0], generator, x.device, dtype, shift_fraction)
     return _geometric(x.to(dtype), params).to(x.dtype)
 
 
-def strong_augment(x, generator=None):
+def strong_augment(x, generator=None, shift_fraction=MAX_SHIFT_FRACTION):
     """Strong view of a batch x [B, 1, S, S]: weak geometry + 2 RandAugment-style ops per
     sample + cutout + Gaussian noise + contrast change (see the module docstring).
 
     Returns a new tensor of x's shape and dtype. ``generator`` (on x's device) makes it
-    reproducible.
+    reproducible. ``shift_fraction`` as in :func:`weak_augment`.
     """
     if not _check_batch(x):
         return x.clone()
     dtype = _work_dtype(x)
-    params = _sample_strong(x.shape, generator, x.device, dtype)
+    params = _sample_strong(x.shape, generator, x.device, dtype, shift_fraction)
     y = _geometric(x.to(dtype), params)
     y = _photometric_ops(y, params)
     y = _cutout(y, params)

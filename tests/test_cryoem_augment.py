@@ -306,3 +306,25 @@ def test_cutout_is_clipped_at_the_border():
     changed = aug._cutout(x, params) != x
     assert changed[0].sum() == (S // 4) ** 2 and changed[0, 0, 0, 0]
     assert changed[1].sum() == (S // 4 + 1) ** 2 and changed[1, 0, -1, -1]
+
+
+def test_shift_fraction_bounds_how_far_the_centre_moves():
+    # a bright 2 x 2 block at the centre of a 64 px patch: the default shift (S/8 = 8 px per
+    # axis) moves it several px in some samples; shift_fraction 1/32 (a 64 px patch carrying
+    # 24 px of context around a 16 px window: 16/8 = 2 px) keeps it within 2 px per axis, plus
+    # the +-10 degree rotation's and the resampling's fraction of a pixel
+    from datasets.cryoem_augment import weak_augment
+    x = torch.zeros(64, 1, 64, 64)
+    x[:, :, 31:33, 31:33] = 1.0
+
+    def displacement(shift_fraction):
+        g = torch.Generator().manual_seed(0)
+        y = weak_augment(x, generator=g, shift_fraction=shift_fraction)[:, 0]
+        yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+        w = y.clamp(min=0)
+        cy = (w * yy).sum((1, 2)) / w.sum((1, 2))
+        cx = (w * xx).sum((1, 2)) / w.sum((1, 2))
+        return torch.maximum((cy - 31.5).abs(), (cx - 31.5).abs())
+
+    assert float(displacement(1 / 32).max()) <= 2.5
+    assert float(displacement(1 / 8).max()) > 4.0

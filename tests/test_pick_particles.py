@@ -50,6 +50,8 @@ def test_checkpoint_carries_the_preprocessing(pipeline):
     meta = ckpt["data_metadata"]
     assert meta["downsample"] == 2.0 and meta["particle_radius"] == RADIUS
     assert (meta["patch_size"], meta["window_size"], meta["context"]) == (96, 32, 32) and ckpt["context"] == 32
+    log = (pipeline["root"] / "exp" / "run" / "train.log").read_text()
+    assert "context 32 px around a 32 px window: augmentation shifts up to 4 px per axis" in log
     results = json.loads((pipeline["root"] / "exp" / "run" / "results.json").read_text())
     assert results["data"]["prior"] == pytest.approx(meta["prior"])
 
@@ -86,7 +88,7 @@ def test_pick_then_evaluate(pipeline, tmp_path):
     overall = result["overall"]
     assert overall["n_targets"] == 25 and overall["n_picks_total"] == len(star)
     # the CLI's numbers are those of utils.picking on the files it read
-    again = evaluate_picks_fn(pd.read_csv(out / "picks.csv"), reference, RADIUS, 0.5)["overall"]
+    again = evaluate_picks_fn(read_coordinates(out / "picks.star")[0], reference, RADIUS, 0.5)["overall"]
     for key in ("tp", "n_picks", "precision", "recall", "average_precision", "best_f1"):
         assert overall[key] == pytest.approx(again[key])
     saved = json.loads((out / "evaluation.json").read_text())

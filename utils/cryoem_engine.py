@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from datasets.cryoem_augment import strong_augment, weak_augment
+from datasets.cryoem_augment import MAX_SHIFT_FRACTION, strong_augment, weak_augment
 from models.losses_pu import (consistency_weight, entropy_loss, entropy_weight, nnpu_loss,
                               selective_consistency_loss)
 from utils.errors import UserError
@@ -47,6 +47,7 @@ class StepParams:
     entropy_start_epoch: int = 10
     entropy_rampup_epochs: int = 10
     grad_clip: float = 1.0
+    shift_fraction: float = MAX_SHIFT_FRACTION  # augmentation shift, of the stored patch side
 
     @classmethod
     def from_config(cls, cfg, prior):
@@ -106,8 +107,8 @@ def train_one_epoch(student, teacher, loader, optimizer, scheduler, params, epoc
         n = x.shape[0]
 
         # augmentation in float32 on the batch's device (the GPU when training there)
-        weak = weak_augment(x, generator=generator)
-        strong = strong_augment(x[selected], generator=generator)
+        weak = weak_augment(x, generator=generator, shift_fraction=params.shift_fraction)
+        strong = strong_augment(x[selected], generator=generator, shift_fraction=params.shift_fraction)
         with precision.autocast():
             logits = student(torch.cat([weak, strong]).contiguous(memory_format=memory_format)).float()
         logits_weak, logits_strong = logits[:n], logits[n:]

@@ -17,6 +17,7 @@ events (``train/*`` and ``val/*`` scalars of the EMA teacher, plus ``val/student
 epoch), ``best_model.pt``,
 ``last.pt`` and ``results.json``.
 """
+import dataclasses
 import json
 import logging
 import math
@@ -325,6 +326,11 @@ def _train(cfg, state, device, data, prior, sampler, student, run_dir, logger, w
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=training["min_lr"])
     early = EarlyStopping(training["early_stopping_patience"])
     params = StepParams.from_config(cfg, prior)
+    window = data.patch_size - 2 * unwrap_model(student).context
+    if window != data.patch_size:  # shift the particle by up to window/8, not (window + context)/8
+        params = dataclasses.replace(params, shift_fraction=params.shift_fraction * window / data.patch_size)
+        logger.info(f"context {unwrap_model(student).context} px around a {window} px window: augmentation shifts "
+                    f"up to {params.shift_fraction * data.patch_size:g} px per axis (the window's 1/8)")
     train_loader = _loader(data.train, device, num_workers, seed, batch_sampler=sampler)
     eval_batch = 2 * training["batch_size"]
     val_loader = _loader(data.val, device, num_workers, seed, batch_size=eval_batch) if len(data.val) else None
