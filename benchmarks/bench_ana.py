@@ -5,7 +5,9 @@
 
 In one process, on the same generated data (``datasets.synthetic_ana``), the same initial model,
 the same DataLoader settings (``utils.ana_trainer._loader``: cached tiles, workers, pinned memory
-on CUDA, persistent workers) and the same batch size, it times:
+on CUDA, persistent workers), the same batch size and main.py's fast path for both (``--amp``:
+bf16 autocast, or fp16 + GradScaler, on a GPU; ``--channels-last``; cuDNN autotuning; all of them
+no-ops on the CPU, where main.py trains in float32), it times:
 
 - **ANA method**: main.py's full model (``--initWeight iw-sample --updateLR ulr-adaptive
   --granularity label --sampling --trainingLabel pseudo``), run through the same code as
@@ -59,6 +61,7 @@ from utils.ana_engine import BatchPreprocessor, bag_max, predict, train_one_epoc
 from utils.ana_trainer import _loader, load_splits
 from utils.device import resolve_device
 from utils.errors import exit_on_user_error
+from utils.fast_path import configure_backends, make_precision, memory_format
 from utils.seed import seed_everything
 
 # main.py's full model (config.py and the README: "the recommended full model")
@@ -108,6 +111,12 @@ def build_parser():
     p.add_argument("--n-test", type=positive_int, default=16,
                    help="generated test images (bags) of 2x2 tiles each (default: %(default)s); at least 3")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, model and samplers (default: %(default)s)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="mixed precision on a GPU for both paths, as main.py's --amp (default: on; float32 on "
+                        "the CPU, as main.py)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels-last model and batches on a GPU for both paths, as main.py's --channelsLast "
+                        "(default: on; no effect on the CPU)")
     return p
 
 
@@ -157,8 +166,8 @@ class AnaMethod:
 
     name = "ANA method"
 
-    def __init__(self, args, model, train_tiles, cache, device, batch_size, num_workers):
-        self.args, self.model = args, model
+    def __init__(self, args, model, train_tiles, cache, device, batch_size, num_workers, fast):
+        self.args, self.model, self.precision = args, model, fast["precision"]
         self.optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999),
                                           weight_decay=args.weightDecay)
         self.tile_labels = train_tiles.tile_labels.to(device)
@@ -168,7 +177,7 @@ class AnaMethod:
         self.weights.set_lr_scale(lr_coefficients(self.targets, args.updateLR))
         self.sampler = InstanceSampler(len(train_tiles), seed=args.seed)
         self.loader = TimedLoader(_loader(CachedTileDataset(cache), batch_size, num_workers, device, self.sampler))
-        self.preprocess = BatchPreprocessor(config.MEAN, config.STD, device)
+        self.preprocess = BatchPreprocessor(config.MEAN, config.STD, device, memory_format=fast["memory_format"])
         self.s = None
 
     def __call__(self, epoch):
@@ -180,7 +189,7 @@ class AnaMethod:
         self.weights.reset_state()
         train_one_epoch(self.model, self.loader, self.optimizer, self.weights, self.tile_labels, self.targets,
                         self.preprocess, granularity=args.granularity, training_label=args.trainingLabel,
-                        desc=f"method epoch {epoch}")
+                        desc=f"method epoch {epoch}", precision=self.precision)
         self.weights.set_lr_scale(lr_coefficients(self.targets, args.updateLR))
 
 
@@ -189,14 +198,14 @@ class PlainBCE:
 
     name = "plain BCE"
 
-    def __init__(self, args, model, train_tiles, cache, device, batch_size, num_workers):
-        self.model = model
+    def __init__(self, args, model, train_tiles, cache, device, batch_size, num_workers, fast):
+        self.model, self.precision = model, fast["precision"]
         self.optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999),
                                           weight_decay=args.weightDecay)
         self.tile_labels = train_tiles.tile_labels.to(device)
         self.sampler = InstanceSampler(len(train_tiles), seed=args.seed)  # no weights: a shuffle
         self.loader = TimedLoader(_loader(CachedTileDataset(cache), batch_size, num_workers, device, self.sampler))
-        self.preprocess = BatchPreprocessor(config.MEAN, config.STD, device)
+        self.preprocess = BatchPreprocessor(config.MEAN, config.STD, device, memory_format=fast["memory_format"])
         self.criterion = torch.nn.BCEWithLogitsLoss()
         self.device = device
 
@@ -206,13 +215,17 @@ class PlainBCE:
         for x, idx in self.loader:
             idx = idx.to(self.device, non_blocking=True)
             x = self.preprocess(x, train=True)
-            loss = self.criterion(self.model(x), self.tile_labels[idx])
+            with self.precision.autocast():  # the trainer's precision: autocast forward, float32 loss
+                logits = self.model(x)
+            loss = self.criterion(logits.float(), self.tile_labels[idx])
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler = self.precision.scaler
+            scaler.scale(loss).backward()
             loss_value = loss.item()  # the same one host sync per step as train_one_epoch
             if not math.isfinite(loss_value):
                 raise RuntimeError(f"plain BCE loss became {loss_value}")
-            self.optimizer.step()
+            scaler.step(self.optimizer)
+            scaler.update()
 
 
 def timed_epoch(run, epoch, device):
@@ -230,11 +243,11 @@ def timed_epoch(run, epoch, device):
             time.process_time() - cpu_start)
 
 
-def timed_test(model, loader, tiles, preprocess, device):
+def timed_test(model, loader, tiles, preprocess, device, precision=None):
     """One bag-level evaluation (``predict`` + ``bag_max``); returns seconds."""
     sync(device)
     start = time.perf_counter()
-    bag_max(predict(model, loader, preprocess, desc="test"), tiles.tile_bag, len(tiles.bags))
+    bag_max(predict(model, loader, preprocess, desc="test", precision=precision), tiles.tile_bag, len(tiles.bags))
     sync(device)
     return time.perf_counter() - start
 
@@ -293,13 +306,16 @@ def measure(args, arch, image_size, batch_size, n_train, device, tmp):
     caches = {split: build_tile_cache(tiles[split], image_size, tmp / "cache", args.num_workers, desc=split)
               for split in ("train", "test")}
 
-    model = build_resnet_classifier(arch, num_classes).to(device)
+    # main.py's fast path (utils/ana_trainer.py), the same for both paths: precision, memory format
+    fast = {"precision": make_precision(device, args.amp), "memory_format": memory_format(device, args.channels_last)}
+    configure_backends(device)
+    model = build_resnet_classifier(arch, num_classes).to(device, memory_format=fast["memory_format"])
     plain_model = copy.deepcopy(model)  # the same initial weights for both paths
-    common = (tiles["train"], caches["train"], device, batch_size, args.num_workers)
+    common = (tiles["train"], caches["train"], device, batch_size, args.num_workers, fast)
     runs = [AnaMethod(ana_args, model, *common), PlainBCE(ana_args, plain_model, *common)]
     test = tiles["test"]
     test_loader = _loader(CachedTileDataset(caches["test"]), batch_size, args.num_workers, device)
-    test_preprocess = BatchPreprocessor(config.MEAN, config.STD, device)
+    test_preprocess = BatchPreprocessor(config.MEAN, config.STD, device, memory_format=fast["memory_format"])
 
     print(f"bench_ana: {len(tiles['train'])} training tiles, {len(test)} test tiles; "
           f"1 warm-up + {args.epochs} timed epochs per path", file=sys.stderr)
@@ -309,9 +325,11 @@ def measure(args, arch, image_size, batch_size, n_train, device, tmp):
     for epoch in range(1, args.epochs + 1):
         for run in (runs if epoch % 2 else runs[::-1]):
             epochs[run.name].append(timed_epoch(run, epoch, device))
-    timed_test(model, test_loader, test, test_preprocess, device)  # warm-up
-    test_s = sum(timed_test(model, test_loader, test, test_preprocess, device) for _ in range(args.epochs))
-    return {"epochs": epochs, "train_tiles": len(tiles["train"]), "test_tiles": len(test),
+    timed_test(model, test_loader, test, test_preprocess, device, fast["precision"])  # warm-up
+    test_s = sum(timed_test(model, test_loader, test, test_preprocess, device, fast["precision"])
+                 for _ in range(args.epochs))
+    return {"precision": fast["precision"].describe(), "channels_last": fast["memory_format"] == torch.channels_last,
+            "epochs": epochs, "train_tiles": len(tiles["train"]), "test_tiles": len(test),
             "test_bags": len(test.bags), "test_s": test_s, "tile_size": tile_size}
 
 
@@ -352,7 +370,8 @@ def main(argv=None):
 
     settings = (f"settings: {arch} | image {image_size} px (tiles {raw['tile_size']} px) | batch {batch_size} | "
                 f"workers {args.num_workers} | {raw['train_tiles']} train tiles | {raw['test_tiles']} test tiles "
-                f"({raw['test_bags']} bags) | 1 warm-up + {args.epochs} timed epochs per path | seed {args.seed}")
+                f"({raw['test_bags']} bags) | {raw['precision']}, channels-last {'on' if raw['channels_last'] else 'off'} "
+                f"(both paths) | 1 warm-up + {args.epochs} timed epochs per path | seed {args.seed}")
     print_table(environment_line(device), settings, result)
     return result
 

@@ -4,7 +4,10 @@
     python benchmarks/bench_cryoem.py --device cuda        # GPU: 128 px patches, 4096 x 4096 micrograph
 
 Everything is measured in the same process on the same generated data, model (``--backbone``,
-``--context``) and batch size:
+``--context``) and batch size, and both training steps take the trainer's fast path
+(``--amp``: bf16 autocast, or fp16 + GradScaler, on a GPU; ``--channels-last``; cuDNN
+autotuning; no-ops on the CPU, where the trainer runs in float32). Picking runs in float32, as
+``pick_particles.py`` does:
 
 * Training. The selective FixMatch step is :func:`utils.cryoem_engine.train_one_epoch`, the
   trainer's own epoch function (weak + strong augmentation on the device, EMA-teacher forward
@@ -69,6 +72,7 @@ from utils.cryoem_config import default_config
 from utils.cryoem_engine import StepParams, train_one_epoch
 from utils.device import resolve_device
 from utils.errors import UserError, exit_on_user_error
+from utils.fast_path import configure_backends, make_precision, memory_format
 from utils.particle_picker import load_picker
 from utils.picking import find_peaks, match_picks
 from utils.seed import seed_everything
@@ -118,6 +122,12 @@ def build_parser():
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads; 0 keeps torch's setting, e.g. from OMP_NUM_THREADS (default: 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, the weights and the augmentations (default: 0)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="mixed precision on a GPU for both training steps, as the trainer's training.amp "
+                        "(default: on; float32 on the CPU, as the trainer)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels-last model and batches on a GPU for both training steps, as the trainer's "
+                        "training.channels_last (default: on; no effect on the CPU)")
     p.add_argument("--checkpoint", default=None,
                    help="picking with this trained best_model.pt (its patch size and context) instead of the "
                         "briefly trained student (default: none)")
@@ -223,16 +233,21 @@ def _correlation(a, b):
     return float(a @ b) / denom if denom > 0 else float("nan")
 
 
-def supervised_epoch(model, batches, optimizer, device):
-    """The plain supervised step on every batch: forward, BCE on the 0/1 labels, backward, Adam."""
+def supervised_epoch(model, batches, optimizer, device, precision, memory_format=torch.contiguous_format):
+    """The plain supervised step on every batch: forward, BCE on the 0/1 labels, backward, Adam,
+    with the trainer's precision (autocast forward, float32 loss, GradScaler for float16) and memory format."""
     model.train()
+    scaler = precision.scaler
     for x, labels, _ in batches:
-        x = x.to(device, non_blocking=True).float()
+        x = x.to(device, non_blocking=True).float().contiguous(memory_format=memory_format)
         labels = labels.to(device, non_blocking=True).float()
-        loss = F.binary_cross_entropy_with_logits(model(x), labels)
+        with precision.autocast():
+            logits = model(x)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
 
 
 @torch.inference_mode()
@@ -351,6 +366,9 @@ def _main(argv=None):
     print(f"{args.backbone}, patch {ps} px (context {args.context}), batch {bs}, {steps} timed + {args.warmup} "
           f"warm-up steps | picking {size}x{size} at stride {STRIDE}, crop loop on {loop_size}x{loop_size} "
           f"in batches of {args.loop_batch}, {s['repeats']} timed calls | seed {args.seed}", flush=True)
+    print(f"training precision {make_precision(device, args.amp).describe()}, channels-last "
+          f"{'on' if memory_format(device, args.channels_last) == torch.channels_last else 'off'} (both steps); "
+          f"picking in float32 as pick_particles.py", flush=True)
 
     # ---- data: one micrograph; training patches are cut from it
     cfg = default_config()
@@ -365,7 +383,11 @@ def _main(argv=None):
                                          pin_memory=device.type == "cuda")
 
     # ---- training: the same initial weights for both methods
-    model0 = FixMatchPUModel(args.backbone, dropout=cfg["model"]["dropout"], context=args.context).to(device)
+    # the trainer's fast path (utils/cryoem_trainer.py), the same for both steps
+    precision, fmt = make_precision(device, args.amp), memory_format(device, args.channels_last)
+    configure_backends(device)
+    model0 = FixMatchPUModel(args.backbone, dropout=cfg["model"]["dropout"], context=args.context).to(
+        device, memory_format=fmt)
     tr = cfg["training"]
     fused = {"fused": True}  # as the trainer: one kernel over all parameters, CPU and CUDA
 
@@ -384,11 +406,12 @@ def _main(argv=None):
     aug = torch.Generator(device=device).manual_seed(args.seed + 1)
 
     def run_supervised(n):
-        supervised_epoch(supervised, itertools.islice(loader, n), sup_opt, device)
+        supervised_epoch(supervised, itertools.islice(loader, n), sup_opt, device, precision, fmt)
 
     def run_fixmatch(n, desc="FixMatch"):
         return train_one_epoch(student, teacher, itertools.islice(loader, n), fm_opt, scheduler, params,
-                               epoch_index, device, desc=desc, generator=aug)
+                               epoch_index, device, desc=desc, generator=aug, precision=precision,
+                               memory_format=fmt)
 
     if args.warmup:
         run_supervised(args.warmup)
