@@ -11,7 +11,7 @@ from benchmarks import bench_ana
 
 SMALLEST = ["--device", "cpu", "--arch", "resnet18", "--image-size", "32", "--batch-size", "8",
             "--num-workers", "0", "--epochs", "1", "--n-train", "3", "--n-test", "3", "--seed", "1"]
-KEYS = {"train_tiles", "test_tiles", "time_ratio", "time_ratio_min", "time_ratio_max", "cpu_time_ratio",
+KEYS = {"train_tiles", "test_tiles", "time_ratio", "time_ratio_pooled", "time_ratio_min", "time_ratio_max", "cpu_time_ratio",
         "overhead_pct", "test_images_per_s", "test_bags_per_s"} | {
     f"{path}_{what}" for path in ("method", "plain")
     for what in ("images_per_s", "epoch_s", "data_s", "compute_s", "data_fraction", "cpu_s")}
@@ -28,6 +28,9 @@ def test_smallest_run_returns_every_number_and_prints_one_table(capsys):
     assert result["overhead_pct"] == pytest.approx(100 * (result["time_ratio"] - 1))
     assert result["time_ratio_min"] <= result["time_ratio"] * (1 + 1e-9)
     assert result["time_ratio"] <= result["time_ratio_max"] * (1 + 1e-9)
+    # equal images per epoch: the pooled ratio is a mediant of the per-epoch ones
+    assert result["time_ratio_min"] * (1 - 1e-9) <= result["time_ratio_pooled"] <= result["time_ratio_max"] * (1 + 1e-9)
+    assert result["time_ratio_pooled"] == pytest.approx(result["plain_images_per_s"] / result["method_images_per_s"])
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("env: torch ") and "device cpu" in out[0]
     table = [line for line in out if line.startswith("|")]
