@@ -10,7 +10,7 @@ from benchmarks import bench_cryoem
 
 # the smallest settings: 32 px patches (1 x 1 layer4 features), batches of 5 (1 positive + 4
 # unlabelled), 128 x 128 micrograph (4 x 4 map), crop loop on 64 x 64 (4 crops)
-TINY = ["--device", "cpu", "--patch-size", "32", "--batch-size", "5", "--steps", "2", "--warmup", "1",
+TINY = ["--device", "cpu", "--patch-size", "32", "--context", "0", "--batch-size", "5", "--steps", "2", "--warmup", "1",
         "--micrograph-size", "128", "--loop-size", "64", "--repeats", "1", "--seed", "3"]
 
 RATES = ("supervised_patches_per_s", "fixmatch_patches_per_s", "dense_micrographs_per_s",
