@@ -138,7 +138,7 @@ class PreprocessOptions:
     """What ``preprocess_cryoem.py`` exposes as flags (distances in original pixels)."""
     particle_radius: float
     patch_size: int = 128
-    context: int = 32
+    context: int = 64
     stride: int = 64
     downsample: float = 1.0
     labelled_fraction: float = 0.1

@@ -26,6 +26,9 @@ class FixMatchPUModel(nn.Module):
     columns are dropped). The trunk then computes the window's features from real pixels
     beyond the window's edge, as it does when it runs densely over a whole micrograph, so the
     dense map agrees with this classifier instead of with one that saw zero padding there.
+    The deep layers pad their feature maps at the patch edge too, so the agreement needs two
+    cells of the stride-32 map between window and edge: 64 px (``preprocess_cryoem.py``'s
+    default; models/dense.py has the measurements).
     """
 
     def __init__(self, backbone="resnet18", dropout=0.0, pretrained=False, weights_file=None, context=0):

@@ -82,21 +82,25 @@ def test_context_pools_the_central_window_only():
 
 def test_context_brings_the_resnet_dense_map_closer_to_the_crops():
     # the same random ResNet-18 weights, classifying 64 px windows: bare (64 px crops) or with
-    # 32 px of context (128 px crops, central 2 x 2 features pooled). Densely, both pool the
-    # same features; the crops with context see real pixels where bare ones see zero padding
+    # 32 / 64 px of context (128 / 192 px crops, central 2 x 2 features pooled). Densely, all
+    # pool the same features; the crops with context see real pixels where bare ones see zero
+    # padding, and with 64 px the padded feature maps of layer4 are two cells away instead of one
     torch.manual_seed(0)
     bare = FixMatchPUModel("resnet18").eval()
-    ctx = FixMatchPUModel("resnet18", context=32).eval()
-    ctx.load_state_dict(bare.state_dict())
+    models = {0: bare}
+    for context in (32, 64):
+        models[context] = FixMatchPUModel("resnet18", context=context).eval()
+        models[context].load_state_dict(bare.state_dict())
     img = torch.randn(192, 192)
     img = torch.nn.functional.avg_pool2d(img[None, None], 5, 1, 2)[0, 0] * 4  # some spatial structure
     gaps = {}
-    for name, model, patch in (("bare", bare, 64), ("context", ctx, 128)):
-        dense = probability_map(model, img, patch, 16, "dense")
-        crops = probability_map(model, img, patch, 16, "crops")
-        gaps[name] = float(torch.logit(dense).sub(torch.logit(crops)).abs().mean())
-    print(gaps)
-    assert gaps["context"] < 0.5 * gaps["bare"]
+    for context, model in models.items():
+        dense = probability_map(model, img, 64 + 2 * context, 16, "dense")
+        crops = probability_map(model, img, 64 + 2 * context, 16, "crops")
+        gaps[context] = float(torch.logit(dense).sub(torch.logit(crops)).abs().mean())
+    print(gaps)  # seed 0: about 1.81, 0.34, 0.18
+    assert gaps[32] < 0.5 * gaps[0]
+    assert gaps[64] < 0.7 * gaps[32]
 
 
 def test_geometry_checks():
