@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from datasets.micrographs import list_micrographs, micrograph_key, read_micrograph, write_box, write_csv, write_star
-from models.dense import MODES
+from models.dense import DENSE_CONTEXT, MODES
 from utils.device import resolve_device
 from utils.errors import exit_on_user_error
 from utils.figures import save_png
@@ -78,6 +78,11 @@ def main(argv=None):
         logger.info(f"{args.checkpoint}: backbone {ckpt['backbone']}, patch {settings.patch_size} px, downsample "
                     f"{settings.downsample:g}, {settings.mode} map at stride {settings.stride}, threshold "
                     f"{settings.threshold:g}, min distance {settings.min_distance:g} px, device {device}")
+        context = int(ckpt.get("context", 0))
+        if settings.mode == "dense" and context < DENSE_CONTEXT:
+            logger.warning(f"{args.checkpoint} was trained with {context} px of context; its dense map can "
+                           f"differ from its own crop classifier (README, 'Context and dense picking'): use --mode "
+                           f"crops, or preprocess with --context {DENSE_CONTEXT} and retrain")
         all_picks, per_mic = [], {}
         for path in progress(paths, desc="picking"):
             t0 = time.perf_counter()

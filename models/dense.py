@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 TRUNK_STRIDE = 32  # output stride of a torchvision ResNet trunk (conv1, maxpool, layer2..4)
 MODES = ("dense", "crops")
+DENSE_CONTEXT = 64  # px of context (two cells of the stride-32 map) for dense = crops (see above)
 
 
 def map_shape(h, w, stride):

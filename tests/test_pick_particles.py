@@ -81,6 +81,13 @@ def test_pick_then_evaluate(pipeline, tmp_path):
     with Image.open(out / "overlays" / "mic_03.png") as im:
         assert im.size == (SIZE, SIZE) and im.mode == "RGB"
     assert json.loads((out / "picking.json").read_text())["settings"]["downsample"] == 2.0
+    # a model with less than 64 px of context picked densely: the log says to use crops or retrain
+    warning = [line for line in (out / "picking.log").read_text().splitlines() if "32 px of context" in line]
+    assert len(warning) == 1 and "--mode crops" in warning[0] and "--context 64" in warning[0]
+    pick_particles.main(["--checkpoint", str(pipeline["ckpt"]), "--micrographs", str(pipeline["test_mic"]),
+                         "--output-dir", str(tmp_path / "crops"), "--threshold", "0.5", "--stride", "16",
+                         "--mode", "crops", "--device", "cpu"])
+    assert "px of context" not in (tmp_path / "crops" / "picking.log").read_text()  # crops are exact
 
     reference, _ = read_coordinates(pipeline["raw"]["star"])
     result = evaluate_picks.main(["--picks", str(out / "picks.star"), "--reference", str(pipeline["raw"]["star"]),
