@@ -22,7 +22,7 @@ rm -rf experiments/demo_cryoem
 # CryoEM from whole micrographs: preprocess -> train -> pick -> evaluate (mic_03 held out for test)
 M=data/micrographs
 .venv/bin/python preprocess_cryoem.py --micrographs $M/micrographs --coordinates $M/coordinates.star \
-  --particle-radius 10 --patch-size 32 --context 32 --stride 16 --labelled-fraction 0.5 \
+  --particle-radius 10 --patch-size 32 --context 64 --stride 32 --labelled-fraction 0.5 \
   --test-micrographs mic_03 --output-dir data/micrographs_pu --overwrite
 rm -rf experiments/demo_micrographs
 .venv/bin/python train_pu_selective_fixmatch.py --config configs/micrographs_demo.yaml --exp-name demo_micrographs
