@@ -311,12 +311,11 @@ def measure(args, arch, image_size, batch_size, n_train, device, tmp):
     fast = {"precision": make_precision(device, args.amp), "memory_format": memory_format(device, args.channels_last)}
     configure_backends(device)
     model = build_resnet_classifier(arch, num_classes).to(device, memory_format=fast["memory_format"])
+    common = (tiles["train"], caches["train"], device, batch_size, args.num_workers, fast)
     # both paths train this one model, taking turns (each with its own Adam): the same parameter
     # tensors in the same memory, so the comparison does not depend on where two copies landed
     # (with two copies, the ratio moved by +-10% from run to run on a 2-core VM)
-    plain_model = model
-    common = (tiles["train"], caches["train"], device, batch_size, args.num_workers, fast)
-    runs = [AnaMethod(ana_args, model, *common), PlainBCE(ana_args, plain_model, *common)]
+    runs = [AnaMethod(ana_args, model, *common), PlainBCE(ana_args, model, *common)]
     test = tiles["test"]
     test_loader = _loader(CachedTileDataset(caches["test"]), batch_size, args.num_workers, device)
     test_preprocess = BatchPreprocessor(config.MEAN, config.STD, device, memory_format=fast["memory_format"])

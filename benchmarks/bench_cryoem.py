@@ -1,7 +1,7 @@
 """CryoEM speed benchmark: training patches/s and picking micrographs/s, in one run, on one table.
 
-    python benchmarks/bench_cryoem.py                      # CPU: 64 px patches, 1024 x 1024 micrograph
-    python benchmarks/bench_cryoem.py --device cuda        # GPU: 128 px patches, 4096 x 4096 micrograph
+    python benchmarks/bench_cryoem.py                      # CPU: 64 px windows (192 px patches), 1024 x 1024 micrograph
+    python benchmarks/bench_cryoem.py --device cuda        # GPU: 128 px windows (256 px patches), 4096 x 4096 micrograph
 
 Everything is measured in the same process on the same generated data, model (``--backbone``,
 ``--context``) and batch size, and both training steps take the trainer's fast path
@@ -81,7 +81,7 @@ from utils.seed import seed_everything
 STRIDE = 32               # picking map stride (px), the issue's setting and the picker's default
 SPEEDUP_TARGET = 10.0     # the issue's target: dense picking >= 10x the crop loop
 MATCH_RADIUS_CELLS = 1.5  # a pick "coincides" with one in a neighbouring map cell, diagonals included
-# device-dependent defaults (CPU: finishes in about a minute on 2 cores; CUDA: the issue's GPU sizes)
+# device-dependent defaults (CPU: finishes in about two minutes on 2 cores; CUDA: the issue's GPU sizes)
 # patch_size: the classified window; without --patch-size the input is that window + 2 x --context
 CPU_DEFAULTS = {"patch_size": 64, "micrograph_size": 1024, "steps": 20, "loop_size": 512, "repeats": 3}
 CUDA_DEFAULTS = {"patch_size": 128, "micrograph_size": 4096, "steps": 50, "loop_size": 1024, "repeats": 5}
@@ -371,9 +371,11 @@ def _main(argv=None):
     print(f"{args.backbone}, patch {ps} px (context {args.context}), batch {bs}, {steps} timed + {args.warmup} "
           f"warm-up steps | picking {size}x{size} at stride {STRIDE}, crop loop on {loop_size}x{loop_size} "
           f"in batches of {args.loop_batch}, {s['repeats']} timed calls | seed {args.seed}", flush=True)
-    print(f"training precision {make_precision(device, args.amp).describe()}, channels-last "
-          f"{'on' if memory_format(device, args.channels_last) == torch.channels_last else 'off'} (both steps); "
-          f"picking in float32 as pick_particles.py", flush=True)
+    # the trainer's fast path (utils/cryoem_trainer.py), the same for both training steps
+    precision, fmt = make_precision(device, args.amp), memory_format(device, args.channels_last)
+    configure_backends(device)
+    print(f"training precision {precision.describe()}, channels-last {'on' if fmt == torch.channels_last else 'off'} "
+          f"(both steps); picking in float32 as pick_particles.py", flush=True)
 
     # ---- data: one micrograph; training patches are cut from it
     cfg = default_config()
@@ -388,9 +390,6 @@ def _main(argv=None):
                                          pin_memory=device.type == "cuda")
 
     # ---- training: the same initial weights for both methods
-    # the trainer's fast path (utils/cryoem_trainer.py), the same for both steps
-    precision, fmt = make_precision(device, args.amp), memory_format(device, args.channels_last)
-    configure_backends(device)
     model0 = FixMatchPUModel(args.backbone, dropout=cfg["model"]["dropout"], context=args.context).to(
         device, memory_format=fmt)
     tr = cfg["training"]
