@@ -47,7 +47,8 @@ def build_parser():
     p.add_argument("--normalize", choices=["zscore", "none"], default=None,
                    help="per-micrograph normalisation (default: the training data's)")
     p.add_argument("--mode", choices=MODES, default="dense",
-                   help="dense: the trunk runs once over the micrograph; crops: the classifier on every "
+                   help="dense: the trunk runs once over the micrograph; within ~0.01 of crops for a model trained "
+                        "with 64 px of context (preprocess_cryoem.py's default); crops: the classifier on every "
                         "patch, the slow reference (default: %(default)s)")
     p.add_argument("--model", choices=["model", "student"], default="model",
                    help="model = the EMA teacher, student = the student network (default: %(default)s)")
