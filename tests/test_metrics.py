@@ -46,7 +46,7 @@ def test_against_sklearn_random(seed, threshold):
     assert m["f1_ma"] == pytest.approx(skm.f1_score(y_true, y_pred, average="macro", zero_division=0))
     assert y_true.any(axis=0).all()  # every class has positives, so mAP is sklearn's plain macro AP
     assert m["mAP"] == pytest.approx(skm.average_precision_score(y_true, y_score, average="macro"))
-    assert m["mAP_classes"] == C
+    assert m["mAP_present_classes"] == C and m["mAP_present"] == pytest.approx(m["mAP"])
     assert m["hamming_loss"] == pytest.approx(skm.hamming_loss(y_true, y_pred))
     assert m["one_error"] == pytest.approx(one_error_loop(y_true, y_score))
     assert m["ranking_loss"] == pytest.approx(skm.label_ranking_loss(y_true, y_score))
@@ -105,26 +105,38 @@ def test_threshold_is_inclusive_and_one_error_ties_take_first_index():
     assert multilabel_metrics([[1, 0, 0]], y_score)["one_error"] == 0.0
 
 
-def test_map_skips_classes_without_positives():
+def test_map_is_sklearns_macro_ap_including_classes_without_positives():
     y_true, y_score = random_case(7)
     y_true[:, 2] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the metric silences sklearn's warning about class 2
+        m = multilabel_metrics(y_true, y_score)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sk = skm.average_precision_score(y_true, y_score)  # the reference's call, defaults as they come
+    assert m["mAP"] == pytest.approx(sk)
     keep = [0, 1, 3, 4]
-    m = multilabel_metrics(y_true, y_score)
     assert m["mAP"] == pytest.approx(
+        sum(skm.average_precision_score(y_true[:, c], y_score[:, c]) for c in keep) / 5)  # class 2 counts 0
+    assert m["mAP_present"] == pytest.approx(
         skm.average_precision_score(y_true[:, keep], y_score[:, keep], average="macro"))
-    assert m["mAP_classes"] == 4
+    assert m["mAP_present"] > m["mAP"]
+    assert m["mAP_present_classes"] == 4
     assert m["per_class_ap"][2] is None
     assert m["per_class_ap"][0] == pytest.approx(skm.average_precision_score(y_true[:, 0], y_score[:, 0]))
+    assert m["overall"] == pytest.approx(np.mean([m["f1_mi"], m["f1_ma"], m["acc_total"], sk]))
 
 
-def test_no_positives_at_all_gives_nan_without_warnings():
+def test_no_positives_at_all_without_warnings():
     y_true = np.zeros((6, 3), dtype=int)
     y_score = np.full((6, 3), 0.2)  # no predicted positives either: F1's zero-division case
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         m = multilabel_metrics(y_true, y_score)
-    assert math.isnan(m["mAP"]) and m["mAP_classes"] == 0
-    assert math.isnan(m["overall"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert m["mAP"] == pytest.approx(skm.average_precision_score(y_true, y_score))
+    assert math.isnan(m["mAP_present"]) and m["mAP_present_classes"] == 0
     assert math.isnan(m["one_error"])
     assert m["per_class_ap"] == [None, None, None]
     assert m["f1_mi"] == 0.0 and m["f1_ma"] == 0.0 and m["acc_total"] == 1.0
@@ -145,7 +157,7 @@ def test_json_serialisable_plain_types():
     for key in ("acc_total", "f1_mi", "f1_ma", "mAP", "hamming_loss", "one_error",
                 "ranking_loss", "coverage", "overall", "threshold"):
         assert type(m[key]) is float, key
-    assert type(m["n_samples"]) is int and type(m["mAP_classes"]) is int
+    assert type(m["n_samples"]) is int and type(m["mAP_present_classes"]) is int
     assert type(m["per_class_acc"]) is list and all(type(v) is float for v in m["per_class_acc"])
     assert type(m["per_class_ap"]) is list
     assert all(v is None or type(v) is float for v in m["per_class_ap"])

@@ -68,10 +68,11 @@ def multilabel_metrics(y_true, y_score, threshold=0.5, class_names=None):
     - ``acc_total``: subset accuracy (``accuracy_score`` on multi-hot = exact match of the row).
     - ``f1_mi`` / ``f1_ma``: F1 micro / macro; a class with no true and no predicted positive
       has F1 0 in the macro mean (``zero_division=0``, sklearn's warning silenced).
-    - ``mAP``: macro average precision (``average_precision_score``) over the classes with at
-      least one positive in ``y_true`` only, since AP is undefined without positives (sklearn
-      would warn and return 0 for such a class). ``mAP_classes`` says how many were used; NaN
-      when none.
+    - ``mAP``: scikit-learn's macro ``average_precision_score`` as it comes, as the reference
+      code computed it: a class without a positive in ``y_true`` counts with AP 0 (sklearn's
+      warning silenced).
+    - ``mAP_present``: the macro AP over the classes with at least one positive only (AP is
+      undefined without positives); ``mAP_present_classes`` says how many; NaN when none.
     - ``hamming_loss``: fraction of wrong (sample, class) decisions.
     - ``one_error``: see :func:`one_error`.
     - ``ranking_loss``: ``label_ranking_loss``, the fraction of (true, false) label pairs that
@@ -81,7 +82,7 @@ def multilabel_metrics(y_true, y_score, threshold=0.5, class_names=None):
       literature's coverage (Tsoumakas et al. 2010) is this minus 1.
     - ``per_class_acc``: per class, accuracy of its binary decision over the samples.
     - ``per_class_ap``: per class, AP, or None for a class without positives.
-    - ``overall``: mean of f1_mi, f1_ma, acc_total and mAP (the paper's "Overall"; NaN if mAP is).
+    - ``overall``: mean of f1_mi, f1_ma, acc_total and mAP (the paper's "Overall").
     - ``threshold``, ``n_samples``; and ``per_class`` = ``{name: {"acc", "ap"}}`` when
       ``class_names`` (length C) is given.
 
@@ -98,12 +99,13 @@ def multilabel_metrics(y_true, y_score, threshold=0.5, class_names=None):
         warnings.simplefilter("ignore", UndefinedMetricWarning)
         f1_mi = skm.f1_score(y_true, y_pred, average="micro", zero_division=0)
         f1_ma = skm.f1_score(y_true, y_pred, average="macro", zero_division=0)
+        warnings.simplefilter("ignore", UserWarning)  # "No positive class found in y_true"
+        mAP = float(skm.average_precision_score(y_true, y_score, average="macro"))
         has_pos = y_true.any(axis=0)
         per_class_ap = [float(skm.average_precision_score(y_true[:, c], y_score[:, c]))
                         if has_pos[c] else None for c in range(n_classes)]
     aps = [ap for ap in per_class_ap if ap is not None]
-    # the mean of per-column binary APs is exactly sklearn's average="macro"
-    mAP = float(np.mean(aps)) if aps else float("nan")
+    mAP_present = float(np.mean(aps)) if aps else float("nan")
     acc_total = float(skm.accuracy_score(y_true, y_pred))
     per_class_acc = [float(a) for a in np.mean(y_true == y_pred, axis=0)]
 
@@ -112,7 +114,8 @@ def multilabel_metrics(y_true, y_score, threshold=0.5, class_names=None):
         "f1_mi": float(f1_mi),
         "f1_ma": float(f1_ma),
         "mAP": mAP,
-        "mAP_classes": len(aps),
+        "mAP_present": mAP_present,
+        "mAP_present_classes": len(aps),
         "hamming_loss": float(skm.hamming_loss(y_true, y_pred)),
         "one_error": one_error(y_true, y_score),
         "ranking_loss": float(skm.label_ranking_loss(y_true, y_score)),
