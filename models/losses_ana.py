@@ -1,4 +1,4 @@
-"""The weighted BCE loss of self-paced MIML training (SPEC_ANA.md, "Learnable instance weights")."""
+"""The weighted BCE loss of self-paced MIML training (README, "The method in brief")."""
 import torch
 import torch.nn.functional as F
 
@@ -6,8 +6,9 @@ import torch.nn.functional as F
 def weighted_bce_loss(logits, target, alpha, granularity):
     """``sum_{i,k} w_ik * BCE(sigmoid(z_ik), y_ik)`` over the batch (summed, as the reference).
 
-    - label granularity: ``w_ik = ReLU(alpha_ik)`` where the target is positive (``y_ik == 1``,
-      or ``> 0`` for soft targets), 1 elsewhere;
+    - label granularity: ``w_ik = ReLU(alpha_ik)`` where the target equals 1, 1 elsewhere (as
+      the reference's ``bce[target == 1] *= ...``): with soft targets only the entries at 1,
+      the tile's largest-weight labels, are weighted;
     - sample granularity: ``w_ik = ReLU(alpha_i)`` for the whole row.
     NaN weights count as 0. Since ``dL/dalpha_ik = BCE_ik >= 0`` on weighted entries, weights
     only shrink under gradient descent, fastest for hard instances: the self-paced effect.
@@ -15,7 +16,7 @@ def weighted_bce_loss(logits, target, alpha, granularity):
     bce = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none")
     w = torch.relu(torch.nan_to_num(alpha, nan=0.0))
     if granularity == "label":
-        w = torch.where(target > 0, w, torch.ones_like(w))
+        w = torch.where(target == 1, w, torch.ones_like(w))
     elif granularity == "sample":
         w = w[:, None]
     else:

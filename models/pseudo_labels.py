@@ -29,5 +29,7 @@ def make_targets(labels, alpha, mode, generator=None):
     if mode == "soft":
         return xi
     if mode == "pseudo":
-        return torch.bernoulli(xi, generator=generator)
+        # drawn in float64 as the reference did (its labels were float64): on the CPU the same
+        # seed then gives the reference's draws, since a float64 draw takes 64 random bits
+        return torch.bernoulli(xi.double(), generator=generator).to(xi.dtype)
     raise ValueError(f"unknown training label {mode!r} (expected one of {TRAINING_LABELS})")
