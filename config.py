@@ -36,8 +36,11 @@ INIT_WEIGHT = "iw-ones"
 UPDATE_LR = "ulr-ones"
 TRAINING_LABEL = "real"
 GRANULARITY = "label"
+WEIGHT_GROUPS = "count" # tiles whose weights share one Adam parameter group: same number of labels
+                        # (what the reference main.py did), "combination" (same label set) or "one"
 SAMPLING = False
 RESAMPLE_EVERY = 1      # epochs between recomputing the weighted sampler's probabilities
+VAL_LEVEL = "tile"      # validation on tiles (the reference main.py) or "image" (max over tiles)
 SINGLE_LABEL = False    # main_single.py's config sets True: keep only rows with exactly one label
 
 # Where things go.

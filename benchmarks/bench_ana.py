@@ -1,4 +1,4 @@
-"""Training and test throughput of main.py's ANA method against a plain BCE loop (issue 6).
+"""Training and test throughput of main.py's ANA method against a plain BCE loop.
 
     python benchmarks/bench_ana.py                       # CPU: resnet18 on 64 px tiles, ~1 min
     python benchmarks/bench_ana.py --device cuda         # GPU: resnet50 on 224 px tiles (the paper's setting)
@@ -10,12 +10,14 @@ bf16 autocast, or fp16 + GradScaler, on a GPU; ``--channels-last``; cuDNN autotu
 no-ops on the CPU, where main.py trains in float32), it times:
 
 - **ANA method**: main.py's full model (``--initWeight iw-sample --updateLR ulr-adaptive
-  --granularity label --sampling --trainingLabel pseudo``), run through the same code as
-  ``utils.ana_trainer._train``: the learnable instance weights, the pseudo-label dispatcher, the
-  weighted instance sampler recomputed every epoch, and ``utils.ana_engine.train_one_epoch``;
+  --granularity label --sampling --trainingLabel pseudo``), run by the trainer's own epoch
+  function ``utils.ana_engine.train_epoch``: the weighted instance sampler recomputed every
+  epoch, ``train_one_epoch`` (pseudo-labels, weighted BCE, the network's Adam and the
+  instance weights' per-group Adam over all rows of the groups in the batch), and the
+  ``ulr-adaptive`` regrouping after the epoch;
 - **plain BCE**: the same model, loader (shuffled), preprocessing (normalise + random flip on the
-  device) and Adam, with ``BCEWithLogitsLoss`` on the tiles' bag labels and the same one
-  ``loss.item()`` per step, so the difference is the method's own work;
+  device) and Adam, with ``BCEWithLogitsLoss`` on the tiles' bag labels and, like
+  ``train_one_epoch``, no host synchronisation per step, so the difference is the method's own work;
 - **test**: ``predict`` + ``bag_max`` on the test split (bag-level evaluation), images/s.
 
 One untimed warm-up epoch (and test pass) per path comes first (worker start-up, cuDNN autotuning,
@@ -30,7 +32,7 @@ per timed epoch (min .. max), and the main process's CPU time, which other jobs 
 (on a CPU the network runs in the main process; on a GPU that process mostly waits, so read the
 wall-clock rows there).
 
-Targets (issue 6): method overhead <= 10 % of the plain loop's time per image; the data wait a
+Targets: method overhead <= 10 % of the plain loop's time per image; the data wait a
 small part of an epoch (data loading hidden behind compute).
 
 Prints an environment line and one table (stdout); ``main()`` returns the numbers as a dict.
@@ -56,9 +58,9 @@ from datasets.samplers import InstanceSampler
 from datasets.synthetic_ana import generate_ana_demo
 from main import build_parser as build_main_parser
 from models.backbones import RESNETS, build_resnet_classifier
-from models.sample_weights import InstanceWeights, init_weights, lr_coefficients, sampler_weights
-from utils.ana_engine import BatchPreprocessor, bag_max, predict, train_one_epoch
-from utils.ana_trainer import _loader, load_splits
+from models.sample_weights import InstanceWeights, init_weights
+from utils.ana_engine import BatchPreprocessor, EpochSetup, bag_max, predict, train_epoch
+from utils.ana_trainer import _loader, load_splits, weight_lr
 from utils.device import resolve_device
 from utils.errors import exit_on_user_error
 from utils.fast_path import configure_backends, make_precision, memory_format
@@ -159,38 +161,31 @@ class TimedLoader:
 
 
 class AnaMethod:
-    """main.py's full method, wired as ``utils.ana_trainer._train`` wires it; one call = one epoch.
+    """main.py's full method: the trainer's own ``EpochSetup`` + ``train_epoch`` (sampler refresh,
+    ``train_one_epoch``, the weights' end-of-epoch update); one call = one epoch.
 
-    Validation, test and checkpointing of ``_train`` are left out: they are not training throughput.
+    Validation, test and checkpointing of the run are left out: they are not training throughput.
     """
 
     name = "ANA method"
 
     def __init__(self, args, model, train_tiles, cache, device, batch_size, num_workers, fast):
-        self.args, self.model, self.precision = args, model, fast["precision"]
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999),
-                                          weight_decay=args.weightDecay)
-        self.tile_labels = train_tiles.tile_labels.to(device)
-        self.targets = self.tile_labels.clone()
-        self.weights = InstanceWeights(init_weights(train_tiles.tile_labels, args.initWeight, args.granularity),
-                                       lr=args.weight_lr, weight_decay=args.weightDecay).to(device)
-        self.weights.set_lr_scale(lr_coefficients(self.targets, args.updateLR))
-        self.sampler = InstanceSampler(len(train_tiles), seed=args.seed)
-        self.loader = TimedLoader(_loader(CachedTileDataset(cache), batch_size, num_workers, device, self.sampler))
-        self.preprocess = BatchPreprocessor(config.MEAN, config.STD, device, memory_format=fast["memory_format"])
-        self.s = None
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weightDecay)
+        tile_labels = train_tiles.tile_labels.to(device)
+        targets = tile_labels.clone()
+        weights = InstanceWeights(init_weights(train_tiles.tile_labels, args.initWeight, args.granularity), targets,
+                                  lr=weight_lr(args), update_lr=args.updateLR, grouping=args.weightGroups,
+                                  weight_decay=args.weightDecay).to(device)
+        sampler = InstanceSampler(len(train_tiles), seed=args.seed)
+        self.loader = TimedLoader(_loader(CachedTileDataset(cache), batch_size, num_workers, device, sampler))
+        preprocess = BatchPreprocessor(config.MEAN, config.STD, device, memory_format=fast["memory_format"])
+        self.setup = EpochSetup(model, self.loader, sampler, optimizer, weights, tile_labels, targets, preprocess,
+                                fast["precision"], granularity=args.granularity, training_label=args.trainingLabel,
+                                sampling=args.sampling, resample_every=args.resampleEvery,
+                                reset_optimizer=args.resetOptimizer)
 
     def __call__(self, epoch):
-        args = self.args
-        if self.s is None or (epoch - 1) % args.resampleEvery == 0:
-            self.s = sampler_weights(self.weights.alpha, self.tile_labels)
-        self.sampler.set_epoch(epoch)
-        self.sampler.set_weights(self.s if args.sampling else None)
-        self.weights.reset_state()
-        train_one_epoch(self.model, self.loader, self.optimizer, self.weights, self.tile_labels, self.targets,
-                        self.preprocess, granularity=args.granularity, training_label=args.trainingLabel,
-                        desc=f"method epoch {epoch}", precision=self.precision)
-        self.weights.set_lr_scale(lr_coefficients(self.targets, args.updateLR))
+        train_epoch(self.setup, epoch)
 
 
 class PlainBCE:
@@ -212,6 +207,7 @@ class PlainBCE:
     def __call__(self, epoch):
         self.sampler.set_epoch(epoch)
         self.model.train()
+        losses = []  # summed on the device and checked once per epoch, as train_one_epoch does
         for x, idx in self.loader:
             idx = idx.to(self.device, non_blocking=True)
             x = self.preprocess(x, train=True)
@@ -221,11 +217,11 @@ class PlainBCE:
             self.optimizer.zero_grad(set_to_none=True)
             scaler = self.precision.scaler
             scaler.scale(loss).backward()
-            loss_value = loss.item()  # the same one host sync per step as train_one_epoch
-            if not math.isfinite(loss_value):
-                raise RuntimeError(f"plain BCE loss became {loss_value}")
             scaler.step(self.optimizer)
             scaler.update()
+            losses.append(loss.detach())
+        if losses and not bool(torch.isfinite(torch.stack(losses)).all()):
+            raise RuntimeError("plain BCE loss became non-finite")
 
 
 def timed_epoch(run, epoch, device):

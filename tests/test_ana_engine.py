@@ -14,7 +14,7 @@ def _setup(seed=0):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 2))  # no BN: loss is a pure function
     x = torch.randint(0, 256, (4, 3, 4, 4), dtype=torch.uint8)
-    weights = InstanceWeights(LABELS * 0.5, lr=0.1)
+    weights = InstanceWeights(LABELS * 0.5, LABELS, lr=0.1)
     preprocess = BatchPreprocessor((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), torch.device("cpu"))
     return model, x, weights, preprocess
 
@@ -73,7 +73,7 @@ def test_float16_loss_scaling_leaves_the_network_and_weight_steps_unchanged():
         model, x, weights, preprocess = _setup()
         seen = []
         step = weights.step
-        weights.step = lambda rows, grad: (seen.append(grad.clone()), step(rows, grad))  # record the gradient
+        weights.step = lambda rows, grad, valid=None: (seen.append(grad.clone()), step(rows, grad, valid))  # record
         torch.manual_seed(7)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         train_one_epoch(model, [(x[idx], idx)], optimizer, weights, LABELS, LABELS.clone(), preprocess,
@@ -83,3 +83,17 @@ def test_float16_loss_scaling_leaves_the_network_and_weight_steps_unchanged():
     torch.testing.assert_close(g16, g32, atol=1e-3, rtol=1e-2)
     torch.testing.assert_close(w16, w32, atol=2e-3, rtol=0)
     torch.testing.assert_close(a16, a32, atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("update_lr,reset,cleared", [("ulr-adaptive", True, True), ("ulr-adaptive", False, False),
+                                                     ("ulr-ones", True, False), ("ulr-ones", False, False)])
+def test_end_epoch_resets_the_network_adam_only_when_the_reference_did(update_lr, reset, cleared):
+    from utils.ana_engine import end_epoch
+    model, x, weights, preprocess = _setup()
+    weights = InstanceWeights(LABELS * 0.5, LABELS, lr=0.1, update_lr=update_lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    train_one_epoch(model, [(x[:2], torch.tensor([0, 1]))], optimizer, weights, LABELS, LABELS.clone(), preprocess,
+                    granularity="label", training_label="real")
+    assert optimizer.state
+    assert end_epoch(weights, LABELS.clone(), optimizer, reset_optimizer=reset) is (update_lr == "ulr-adaptive")
+    assert (not optimizer.state) is cleared

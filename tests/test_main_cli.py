@@ -387,6 +387,21 @@ def test_resume_continues_exactly(ana_args, tmp_path):
         assert resumed["val"][key] == pytest.approx(straight["val"][key], abs=1e-6), key
 
 
+def test_resume_keeps_the_weights_optimiser_state(ana_args, tmp_path):
+    # ulr-ones never restarts the weights' Adam, so its moments and per-group step counts carry
+    # over the epoch boundary: a resume must restore them from last.pt to end where an
+    # uninterrupted run ends
+    flags = ("--sampling", "--trainingLabel", "pseudo", "--updateLR", "ulr-ones", "--weight_lr", "0.05")
+    main.main(ana_args(*flags, "--epoch", "2", run="A"))
+    main.main(ana_args(*flags, "--epoch", "1", run="B"))
+    main.main(ana_args(*flags, "--epoch", "2", "--loadModel", run="B"))
+    a = torch.load(tmp_path / "A" / "last.pt", map_location="cpu", weights_only=True)["weights"]
+    b = torch.load(tmp_path / "B" / "last.pt", map_location="cpu", weights_only=True)["weights"]
+    assert torch.equal(a["steps"], b["steps"]) and a["steps"].min() > 0
+    for key in ("alpha", "exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
 def test_resume_of_a_finished_run_changes_nothing(ana_args, existing_run, tmp_path):
     run_dir = tmp_path / "run"
     _link_copy(existing_run["run_dir"], run_dir)

@@ -28,10 +28,10 @@ def test_iw_data_label_softmax_over_positive_classes():
     assert torch.allclose(init_weights(T, "iw-data", "label"), expected, atol=1e-6)
 
 
-def test_iw_data_sample_softmax_over_group_sizes():
-    # groups: {0} has 1 tile, {0,1} has 2, {1,2} has 1 -> v = [1/4, 2/4, 1/4]
-    z = math.exp(0.25) * 2 + math.exp(0.5)
-    expected = torch.tensor([math.exp(0.25) / z, math.exp(0.5) / z, math.exp(0.5) / z, math.exp(0.25) / z])
+def test_iw_data_sample_softmax_over_label_count_groups():
+    # the reference's groups are label counts: 1 label (1 tile), 2 labels (3 tiles) -> v = [1/4, 3/4]
+    z = math.exp(0.25) + math.exp(0.75)
+    expected = torch.tensor([math.exp(0.25) / z] + [math.exp(0.75) / z] * 3)
     assert torch.allclose(init_weights(T, "iw-data", "sample"), expected, atol=1e-6)
 
 
@@ -120,6 +120,19 @@ def test_weighted_bce_label_granularity_value_and_gradient():
     assert torch.all(alpha.grad >= 0)  # weights can only shrink under descent
 
 
+def test_weighted_bce_soft_targets_weight_only_the_entries_at_one():
+    # soft targets (0.25, 1, 0): the reference multiplies only bce[target == 1] by the weight
+    z = torch.tensor([[0.3, -1.2, 0.8]])
+    y = torch.tensor([[0.25, 1.0, 0.0]])
+    alpha = torch.tensor([[0.4, 0.5, 0.9]], requires_grad=True)
+    loss = weighted_bce_loss(z, y, alpha, "label")
+    p = [1 / (1 + math.exp(-v)) for v in z[0].tolist()]
+    expected = _bce(p[0], 0.25) + 0.5 * _bce(p[1], 1.0) + _bce(p[2], 0.0)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    assert torch.allclose(alpha.grad, torch.tensor([[0.0, _bce(p[1], 1.0), 0.0]]), atol=1e-6)
+
+
 def test_weighted_bce_sample_granularity_and_nan_weight():
     z = torch.tensor([[0.3, -1.2], [2.0, 0.1]])
     y = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
@@ -131,42 +144,96 @@ def test_weighted_bce_sample_granularity_and_nan_weight():
     assert alpha.grad[0].item() == pytest.approx(expected / 0.5, rel=1e-6)
 
 
-def test_instance_weights_match_per_tile_adam_parameters():
-    """The vectorised update equals the reference's one-Adam-parameter-per-tile layout."""
-    torch.manual_seed(0)
-    n, c, lr = 6, 3, 0.05
-    alpha0 = torch.rand(n, c)
-    lam = torch.tensor([0.0, 0.5, 1.0, 1.0, 0.25, 2.0])
-    ours = InstanceWeights(alpha0, lr=lr)
-    ours.set_lr_scale(lam)
-    params = [torch.nn.Parameter(alpha0[i].clone()) for i in range(n)]
-    ref = torch.optim.Adam([{"params": [p], "lr": lr * lam[i].item()} for i, p in enumerate(params)])
-    batches = [torch.tensor([0, 2, 3]), torch.tensor([2, 5, 5, 1]), torch.tensor([4, 2])]  # 5 twice: summed
-    for idx in batches * 2:
-        grad = torch.randn(len(idx), c)
-        ref.zero_grad(set_to_none=True)
-        for row, g in zip(idx.tolist(), grad):
-            params[row].grad = g.clone() if params[row].grad is None else params[row].grad + g
-        ref.step()
-        ours.step(idx, grad)
-    assert torch.allclose(ours.alpha, torch.stack([p.detach() for p in params]), atol=1e-6)
-    assert torch.equal(ours.alpha[0], alpha0[0])  # lambda 0: never moves (it was in a batch)
-    assert torch.equal(ours.steps, torch.tensor([2.0, 2.0, 6.0, 2.0, 2.0, 2.0]))
+def _adam_rows(alpha, grads, lr, steps, betas=(0.9, 0.999), eps=1e-8):
+    """Adam by hand (Kingma & Ba 2015) for one parameter tensor over ``steps`` gradients."""
+    m = torch.zeros_like(alpha)
+    v = torch.zeros_like(alpha)
+    for t, g in enumerate(grads[:steps], start=1):
+        m = betas[0] * m + (1 - betas[0]) * g
+        v = betas[1] * v + (1 - betas[1]) * g * g
+        alpha = alpha - lr * (m / (1 - betas[0] ** t)) / ((v / (1 - betas[1] ** t)).sqrt() + eps)
+    return alpha
 
 
-def test_instance_weights_untouched_rows_and_reset():
-    w = InstanceWeights(torch.ones(4), lr=0.1)
-    w.step(torch.tensor([1]), torch.tensor([2.0]))
-    assert w.alpha[1].item() == pytest.approx(0.9, abs=1e-6)  # first Adam step moves by lr
-    assert torch.equal(w.alpha[[0, 2, 3]], torch.ones(3))
-    w.reset_state()
-    assert w.steps.sum() == 0 and w.exp_avg.abs().sum() == 0
+def test_a_group_in_the_batch_steps_all_its_rows_and_other_groups_wait():
+    # groups by label count: tiles 0 (1 label) | tiles 1, 2, 3 (2 labels)
+    w = InstanceWeights(T.clone(), T, lr=0.1, grouping="count")
+    assert w.group.tolist() == [0, 1, 1, 1]
+    g1 = torch.tensor([[0.5, 0.2, 0.0]])
+    w.step(torch.tensor([1]), g1)          # only tile 1 is drawn: its group (1, 2, 3) steps
+    assert torch.equal(w.steps, torch.tensor([0.0, 1.0], dtype=torch.float64))
+    assert torch.equal(w.alpha[0], T[0])   # group 0 had no tile in the batch: untouched
+    assert torch.allclose(w.alpha[1], T[1] - 0.1 * torch.tensor([1.0, 1.0, 0.0]), atol=1e-6)  # first step: lr * sign
+    assert torch.equal(w.alpha[2], T[2])   # zero gradient, zero momentum so far: no move yet
+    w.step(torch.tensor([3]), torch.tensor([[0.0, 0.4, 0.3]]))
+    # tile 1 was not in this batch but its group stepped: it keeps moving on its momentum
+    full = torch.zeros(2, 4, 3)
+    full[0, 1] = g1[0]
+    full[1, 3] = torch.tensor([0.0, 0.4, 0.3])
+    expected = _adam_rows(T.clone(), list(full), 0.1, 2)
+    assert torch.allclose(w.alpha[1:], expected[1:], atol=1e-6)
+    assert w.alpha[1, 0] < T[1, 0] - 0.1 - 0.05  # the second step moved it again
+    assert torch.equal(w.steps, torch.tensor([0.0, 2.0], dtype=torch.float64))
+
+
+def test_group_learning_rates_and_duplicate_rows():
+    t3 = torch.cat([T, torch.ones(1, 3)])  # label counts 1, 2, 2, 2, 3: lambda 0, log2/log3, 1
+    w = InstanceWeights(t3.clone(), t3, lr=0.3, update_lr="ulr-adaptive", grouping="count")
+    assert torch.allclose(w.group_lr, torch.tensor([0.0, 0.3 * math.log(2) / math.log(3), 0.3], dtype=torch.float64))
+    w.step(torch.tensor([0, 4, 4]), torch.ones(3, 3))  # tile 4 drawn twice: one step of the summed gradient
+    assert torch.equal(w.alpha[0], t3[0])  # lambda 0
+    assert torch.allclose(w.alpha[4], torch.full((3,), 0.7), atol=1e-6)
+
+
+def test_weight_decay_reaches_rows_outside_the_batch_of_a_stepping_group():
+    w = InstanceWeights(torch.ones(3), torch.ones(3, 1), lr=0.1, grouping="one", weight_decay=0.5)
+    w.step(torch.tensor([0]), torch.tensor([1.0]))
+    assert torch.allclose(w.alpha, torch.full((3,), 0.9), atol=1e-6)  # grad 0 + 0.5 * 1 > 0 on every row
+
+
+def test_end_epoch_restarts_only_ulr_adaptive():
+    for update_lr, grouping, restarts in (("ulr-ones", "count", False), ("ulr-adaptive", "count", True),
+                                          ("ulr-adaptive", "combination", True), ("ulr-ones", "one", False)):
+        w = InstanceWeights(T.clone(), T, lr=0.1, update_lr=update_lr, grouping=grouping)
+        w.step(torch.tensor([1, 3]), torch.ones(2, 3))
+        new_targets = T.clone()
+        new_targets[1, 1] = 0  # a pseudo-label dropped tile 1's second label
+        assert w.end_epoch(new_targets) is restarts
+        assert bool(w.steps.sum() == 0) is restarts and bool(w.exp_avg.abs().sum() == 0) is restarts
+        if restarts and grouping == "count":
+            assert w.group.tolist() == [0, 0, 1, 1]  # tile 1 now has one label
+        elif not restarts:
+            assert w.steps.sum() > 0
+
+
+def test_one_group_always_steps():
+    w = InstanceWeights(T.clone(), T, lr=0.1, grouping="one")
+    assert w.group.tolist() == [0, 0, 0, 0] and torch.equal(w.group_lr, torch.tensor([0.1], dtype=torch.float64))
+    w.step(torch.tensor([0]), torch.ones(1, 3))
+    w.step(torch.tensor([3]), torch.ones(1, 3))
+    assert w.alpha[0, 0] < 1 - 0.1 - 0.05  # moved twice: its group stepped on both batches
+
+
+def test_invalid_step_is_skipped_without_a_host_sync():
+    w = InstanceWeights(T.clone(), T, lr=0.1)
+    w.step(torch.tensor([1]), torch.full((1, 3), float("inf")), valid=torch.tensor(False))
+    assert torch.equal(w.alpha, T) and w.steps.sum() == 0
+
+
+def test_state_round_trip_and_mismatch_errors():
+    w = InstanceWeights(T.clone(), T, lr=0.1, update_lr="ulr-adaptive")
+    w.step(torch.tensor([1, 2]), torch.rand(2, 3))
     state = w.state_dict()
-    w2 = InstanceWeights(torch.zeros(4), lr=0.1)
+    w2 = InstanceWeights(torch.zeros(4, 3), T, lr=0.1, update_lr="ulr-adaptive")
     w2.load_state_dict(state)
-    assert torch.equal(w2.alpha, w.alpha)
+    for name in ("alpha", "exp_avg", "exp_avg_sq", "group", "group_lr", "steps"):
+        assert torch.equal(getattr(w2, name), getattr(w, name)), name
     with pytest.raises(UserError, match="shape"):
-        InstanceWeights(torch.zeros(5), lr=0.1).load_state_dict(state)
+        InstanceWeights(torch.zeros(5, 3), torch.ones(5, 3), lr=0.1, update_lr="ulr-adaptive").load_state_dict(state)
+    with pytest.raises(UserError, match="--weightGroups count --updateLR ulr-adaptive"):
+        InstanceWeights(torch.zeros(4, 3), T, lr=0.1, grouping="one").load_state_dict(state)
+    with pytest.raises(UserError, match="older version"):
+        w2.load_state_dict({k: v for k, v in state.items() if k != "group"})
 
 
 def test_instance_sampler_shuffles_and_weights():

@@ -1,11 +1,12 @@
 """One ANA training epoch and the tile/bag evaluations. Each returns plain numbers or tensors."""
-import math
 import time
+from dataclasses import dataclass
 
 import torch
 
 from models.losses_ana import weighted_bce_loss
 from models.pseudo_labels import make_targets
+from models.sample_weights import sampler_weights
 from utils.errors import UserError
 from utils.distributed import any_over_processes, gather_from_processes
 from utils.fast_path import make_precision
@@ -33,72 +34,136 @@ class BatchPreprocessor:
         return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
 
 
+@dataclass
+class EpochSetup:
+    """What one ANA training epoch needs (built once by the run, see :func:`train_epoch`).
+
+    ``model`` is the network as trained (DDP or compiled wrapper); ``targets`` receives the
+    targets used; ``sampler_probs`` holds the sampler's current probabilities, recomputed every
+    ``resample_every`` epochs (and saved in checkpoints).
+    """
+    model: torch.nn.Module
+    loader: object
+    sampler: object
+    optimizer: torch.optim.Optimizer
+    weights: object
+    tile_labels: torch.Tensor
+    targets: torch.Tensor
+    preprocess: object
+    precision: object = None
+    granularity: str = "label"
+    training_label: str = "real"
+    sampling: bool = False
+    resample_every: int = 1
+    reset_optimizer: bool = False
+    dist_info: object = None
+    sampler_probs: torch.Tensor = None
+
+
+def train_epoch(setup, epoch):
+    """One epoch as ``main.py`` / ``main_single.py`` run it, as the reference's epoch loop did:
+
+    1. the sampler's probabilities from the current weights (on epochs 1, 1 + N, 1 + 2N, ...
+       for ``resample_every`` N; raises a :class:`UserError` when every weight is zero), drawn
+       from with ``sampling``, else a plain shuffle;
+    2. :func:`train_one_epoch`;
+    3. :func:`end_epoch` (the ``ulr-adaptive`` regrouping and optimiser restart).
+    Returns the statistics of :func:`train_one_epoch` plus ``restarted``.
+    """
+    if setup.sampler_probs is None or (epoch - 1) % setup.resample_every == 0:
+        setup.sampler_probs = sampler_weights(setup.weights.alpha, setup.tile_labels)
+    setup.sampler.set_epoch(epoch)
+    setup.sampler.set_weights(setup.sampler_probs if setup.sampling else None)
+    stats = train_one_epoch(setup.model, setup.loader, setup.optimizer, setup.weights, setup.tile_labels,
+                            setup.targets, setup.preprocess, granularity=setup.granularity,
+                            training_label=setup.training_label, desc=f"epoch {epoch} train",
+                            precision=setup.precision, dist_info=setup.dist_info)
+    stats["restarted"] = end_epoch(setup.weights, setup.targets, setup.optimizer, setup.reset_optimizer)
+    return stats
+
+
 def train_one_epoch(model, loader, optimizer, weights, tile_labels, targets, preprocess, *,
                     granularity, training_label, desc="train", precision=None, dist_info=None):
     """Train one epoch; update ``weights`` and the stored per-tile ``targets`` in place.
 
     ``tile_labels`` [T, C] are the bag labels of each tile; ``targets`` [T, C] receives the
     targets actually used (pseudo/soft labels), which drive the ``ulr-adaptive`` groups.
-    Batches whose targets are all zero are skipped (the reference's behaviour). ``precision``
-    (:func:`utils.fast_path.make_precision`, default float32): the network's forward runs under
-    autocast, the loss (with the instance weights) in float32 from float32 logits.
+    A batch whose tiles have no label at all is skipped (the reference's ``label.sum() == 0``).
+    ``precision`` (:func:`utils.fast_path.make_precision`, default float32): the network's
+    forward runs under autocast, the loss (with the instance weights) in float32.
+
+    No host synchronisation per step on one process: the skip test reads the CPU copy of the
+    labels, the loss is summed on the device, and a non-finite loss is reported at the end of
+    the epoch (naming its first step). A float16 ``GradScaler`` still synchronises in its own
+    ``step``.
 
     Distributed (``dist_info`` of :mod:`utils.distributed`, the model wrapped in DDP): the
     processes' batches together are the one-process batch (see ``InstanceSampler``), so a step
-    is skipped only when none of them has a label; the instance-weight gradients, rows and
-    targets of all processes are gathered and every process applies all of them, so the learned
-    weights stay identical everywhere and take the one-process steps.
-    Returns averaged numbers: loss per image, images seen, skipped batches, timings.
+    is skipped only when none of them has a label (one small all-reduce per step); the
+    instance-weight gradients, rows and targets of all processes are gathered and every process
+    applies all of them, so the learned weights stay identical everywhere and take the
+    one-process steps.
+    Returns averaged numbers: loss per image, images seen, steps, skipped batches, images/s.
     """
     precision = precision or make_precision(preprocess.device, enabled=False)
     scaler = precision.scaler
     distributed = dist_info is not None and dist_info.enabled
     model.train()
     device = preprocess.device
-    total_loss, n_images, n_steps, skipped = 0.0, 0, 0, 0
-    t_data = 0.0
-    start = tic = time.perf_counter()
+    labels_cpu = tile_labels.cpu() > 0
+    step_losses, n_images, skipped = [], 0, 0
+    start = time.perf_counter()
     for x, idx in progress(loader, desc=desc):
+        has_label = bool(labels_cpu[idx].any())
+        if distributed:
+            has_label = any_over_processes(torch.tensor(has_label, device=device), dist_info)
+        if not has_label:
+            skipped += 1
+            continue
         idx = idx.to(device, non_blocking=True)
         x = preprocess(x, train=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t_data += time.perf_counter() - tic
         alpha = weights.gather(idx)
         target = make_targets(tile_labels[idx], alpha, training_label)
-        has_label = torch.any(target > 0)
-        step_now = has_label if not distributed else any_over_processes(has_label, dist_info)
-        if step_now:
-            with precision.autocast():
-                logits = model(x)
-            loss = weighted_bce_loss(logits.float(), target, alpha, granularity)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            loss_value = loss.item()  # the step's one host sync
-            if not math.isfinite(loss_value):
-                raise UserError(f"the training loss became {loss_value} at step {n_steps}; lower --lr / --weight_lr")
-            # float16: the weights' gradient is scaled like the network's; unscale it by hand
-            # (the GradScaler only knows the network's optimizer) and skip both on overflow
-            inv_scale = 1.0 / scaler.get_scale() if scaler.is_enabled() else 1.0
-            scaler.step(optimizer)
-            scaler.update()
-            alpha_grad = alpha.grad * inv_scale if inv_scale != 1.0 else alpha.grad
-            rows = idx
-            if distributed:  # every process applies every process's rows: the global batch's
-                rows, alpha_grad, target = gather_from_processes((idx, alpha_grad, target), dist_info)
-            targets[rows] = target
-            if not scaler.is_enabled() or torch.isfinite(alpha_grad).all():
-                weights.step(rows, alpha_grad)
-            total_loss += loss_value
-            n_images += len(idx)
-            n_steps += 1
-        else:
-            skipped += 1
-        tic = time.perf_counter()
+        with precision.autocast():
+            logits = model(x)
+        loss = weighted_bce_loss(logits.float(), target, alpha, granularity)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        # float16: the weights' gradient is scaled like the network's; unscale it by hand
+        # (the GradScaler only knows the network's optimizer) and skip both on overflow
+        alpha_grad = alpha.grad / scaler.get_scale() if scaler.is_enabled() else alpha.grad
+        scaler.step(optimizer)
+        scaler.update()
+        rows = idx
+        if distributed:  # every process applies every process's rows: the global batch's
+            rows, alpha_grad, target = gather_from_processes((idx, alpha_grad, target), dist_info)
+        targets[rows] = target
+        weights.step(rows, alpha_grad, valid=torch.isfinite(alpha_grad).all() if scaler.is_enabled() else None)
+        step_losses.append(loss.detach())
+        n_images += len(idx)
     elapsed = time.perf_counter() - start
-    return {"loss": total_loss / max(n_images, 1), "images": n_images, "steps": n_steps,
-            "skipped_batches": skipped, "time_data": t_data, "time_compute": elapsed - t_data,
-            "images_per_s": n_images / max(elapsed, 1e-9)}
+    total_loss = 0.0
+    if step_losses:
+        losses = torch.stack(step_losses)
+        finite = torch.isfinite(losses)
+        if not bool(finite.all()):
+            first = int((~finite).nonzero()[0, 0])
+            raise UserError(f"the training loss became {losses[first].item()} at step {first} of {desc}; "
+                            f"lower --lr / --weight_lr")
+        total_loss = losses.double().sum().item()
+    return {"loss": total_loss / max(n_images, 1), "images": n_images, "steps": len(step_losses),
+            "skipped_batches": skipped, "images_per_s": n_images / max(elapsed, 1e-9)}
+
+
+def end_epoch(weights, targets, optimizer, reset_optimizer):
+    """What the reference did after each training epoch: with ``ulr-adaptive`` it regrouped the
+    tiles by their current targets and built a new Adam for the network and the weights. The
+    weights' Adam always restarts then (:meth:`InstanceWeights.end_epoch`); the network's only
+    with ``reset_optimizer`` (``--resetOptimizer``). Returns whether a restart happened."""
+    restarted = weights.end_epoch(targets)
+    if restarted and reset_optimizer:
+        optimizer.state.clear()
+    return restarted
 
 
 @torch.no_grad()

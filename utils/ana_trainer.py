@@ -15,9 +15,8 @@ from datasets.ana import CachedTileDataset, build_tile_cache, build_tileset, des
 from datasets.samplers import InstanceSampler, sampling_entropy
 from models.backbones import RESNETS, build_resnet_classifier
 from models.pseudo_labels import TRAINING_LABELS
-from models.sample_weights import (GRANULARITIES, INIT_METHODS, LR_METHODS, InstanceWeights, init_weights,
-                                   lr_coefficients, sampler_weights, weight_stats)
-from utils.ana_engine import BatchPreprocessor, bag_max, predict, train_one_epoch
+from models.sample_weights import GRANULARITIES, GROUPINGS, INIT_METHODS, LR_METHODS, InstanceWeights, init_weights, weight_stats
+from utils.ana_engine import BatchPreprocessor, EpochSetup, bag_max, predict, train_epoch
 from utils.distributed import (DistInfo, barrier, broadcast_object, cleanup_distributed, init_distributed,
                                mean_over_processes, replicas_in_sync, wrap_ddp)
 from utils.fast_path import make_precision, maybe_compile, memory_format
@@ -40,7 +39,7 @@ def add_arguments(parser, cfg):
     g = parser.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=cfg.LR, help="network learning rate (default: %(default)s)")
     g.add_argument("--weight_lr", type=float, default=cfg.WEIGHT_LR,
-                   help="learning rate of the instance weights (default: %(default)s)")
+                   help="learning rate of the instance weights (default: %(default)s; None = the network's --lr)")
     g.add_argument("--epoch", type=int, default=cfg.EPOCHS, help="maximum number of epochs (default: %(default)s)")
     g.add_argument("--trainBatchSize", type=int, default=cfg.TRAIN_BATCH_SIZE, help="training batch size (default: %(default)s)")
     g.add_argument("--testBatchSize", type=int, default=cfg.TEST_BATCH_SIZE, help="evaluation batch size (default: %(default)s)")
@@ -49,7 +48,8 @@ def add_arguments(parser, cfg):
     g.add_argument("--patience", type=int, default=cfg.PATIENCE,
                    help="early stopping: epochs without any val metric improving (0 = off; default: %(default)s)")
     g.add_argument("--resetOptimizer", action="store_true",
-                   help="reset the network's Adam state every epoch, as the reference code did (default: off)")
+                   help="reset the network's Adam state whenever the weights' Adam restarts (after every epoch of "
+                        "--updateLR ulr-adaptive), as the reference's rebuilt optimiser did (default: off)")
     g = parser.add_argument_group("self-paced method")
     g.add_argument("--initWeight", choices=INIT_METHODS, default=cfg.INIT_WEIGHT,
                    help="weight initialisation (default: %(default)s)")
@@ -59,11 +59,19 @@ def add_arguments(parser, cfg):
                    help="targets: bag labels, Bernoulli pseudo-labels, or soft labels (default: %(default)s)")
     g.add_argument("--granularity", choices=GRANULARITIES, default=cfg.GRANULARITY,
                    help="one weight per tile and class, or per tile (default: %(default)s)")
+    g.add_argument("--weightGroups", choices=GROUPINGS, default=cfg.WEIGHT_GROUPS,
+                   help="tiles whose weights share one Adam parameter group: the same number of labels (the "
+                        "reference main.py), the same label set (the paper's text), or all in one (the reference "
+                        "main_single.py) (default: %(default)s)")
     g.add_argument("--sampling", action=argparse.BooleanOptionalAction, default=cfg.SAMPLING,
                    help="draw tiles by their weights instead of shuffling (default: %(default)s)")
     g.add_argument("--resampleEvery", type=int, default=cfg.RESAMPLE_EVERY,
-                   help="epochs between recomputing the sampler's probabilities from the weights "
-                        "(the reference main_single.py rebuilt its loader every 2nd epoch; default: %(default)s)")
+                   help="epochs between recomputing the sampler's probabilities from the weights, on epochs "
+                        "1, 1 + N, ... (the reference main_single.py rebuilt its sampler on odd epochs; "
+                        "default: %(default)s)")
+    g.add_argument("--valLevel", choices=("tile", "image"), default=cfg.VAL_LEVEL,
+                   help="validation (early stopping, best models) on tiles with their image's labels, or on "
+                        "images (max over tiles) (default: %(default)s)")
     g = parser.add_argument_group("data and model")
     g.add_argument("--annFile", default=None,
                    help="annotation CSV for train, val and test (default: PATH_TRAIN/TEST_ANNFILE of the config)")
@@ -100,13 +108,28 @@ def add_arguments(parser, cfg):
     return parser
 
 
+def weight_lr(args):
+    """The instance weights' learning rate: ``--weight_lr``, or the network's ``--lr`` when None."""
+    return args.lr if args.weight_lr is None else args.weight_lr
+
+
 def default_run_name(args, cfg):
     """Run directory built from the hyperparameters, so different settings never collide."""
     sampling = "sampling" if args.sampling else "nosampling"
-    name = (f"{cfg.RUN_PREFIX}_{args.arch}_N{args.imageSize}_T{args.tileSize}_lr{args.lr:g}_wlr{args.weight_lr:g}_"
-            f"{args.initWeight}_{args.updateLR}_{args.granularity}_{args.trainingLabel}_{sampling}_"
-            f"bs{args.trainBatchSize}_seed{args.seed}")
+    name = (f"{cfg.RUN_PREFIX}_{args.arch}_N{args.imageSize}_T{args.tileSize}_lr{args.lr:g}_wlr{weight_lr(args):g}_"
+            f"{args.initWeight}_{args.updateLR}_{args.granularity}_{args.weightGroups}_{args.trainingLabel}_"
+            f"{sampling}_val{args.valLevel}_bs{args.trainBatchSize}_seed{args.seed}")
     return Path(cfg.PATH_MODEL_ROOT) / name
+
+
+def _describe_weights(weights, args):
+    """Log line: how the weights are grouped for Adam and at which learning rates."""
+    source = " (--lr)" if args.weight_lr is None else ""
+    if args.weightGroups == "one":
+        return f"weights: one group, learning rate {weight_lr(args):g}{source}"
+    rates = ", ".join(f"{lr:g}" for lr in weights.group_lr.tolist())
+    return (f"weights: {len(weights.group_lr)} groups of tiles with the same label "
+            f"{'count' if args.weightGroups == 'count' else 'set'}, learning rates {rates}{source}")
 
 
 def _check_args(args):
@@ -117,6 +140,9 @@ def _check_args(args):
     for name in ("epoch", "trainBatchSize", "testBatchSize", "imageSize", "tileSize", "resampleEvery"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} {getattr(args, name)} must be >= 1")
+    if args.updateLR == "ulr-adaptive" and args.weightGroups == "one":
+        raise UserError("--updateLR ulr-adaptive sets a learning rate per group of tiles with the same labels; "
+                        "with --weightGroups one there is one group: use --weightGroups count or combination")
 
 
 def _keep_single_label(df, csv_path):
@@ -269,9 +295,10 @@ def _train(args, cfg, device, model, tiles, num_classes, run_dir, logger, writer
     train = tiles["train"]
     tile_labels = train.tile_labels.to(device)
     targets = tile_labels.clone()
-    weights = InstanceWeights(init_weights(train.tile_labels, args.initWeight, args.granularity),
-                              lr=args.weight_lr, weight_decay=args.weightDecay).to(device)
-    weights.set_lr_scale(lr_coefficients(targets, args.updateLR))
+    weights = InstanceWeights(init_weights(train.tile_labels, args.initWeight, args.granularity), targets,
+                              lr=weight_lr(args), update_lr=args.updateLR, grouping=args.weightGroups,
+                              weight_decay=args.weightDecay).to(device)
+    logger.info(_describe_weights(weights, args))
     sampler = InstanceSampler(len(train), seed=args.seed, num_replicas=info.world_size, rank=info.rank)
     # --trainBatchSize is the global batch: each process takes its share
     train_loader = _loader(CachedTileDataset(caches["train"]), args.trainBatchSize // info.world_size,
@@ -288,12 +315,15 @@ def _train(args, cfg, device, model, tiles, num_classes, run_dir, logger, writer
                 f"{'channels-last' if fmt == torch.channels_last else 'contiguous'}, "
                 f"torch.compile {'on' if args.compile else 'off'}")
     preprocess = BatchPreprocessor(cfg.MEAN, cfg.STD, device, memory_format=fmt)
+    setup = EpochSetup(train_model, train_loader, sampler, optimizer, weights, tile_labels, targets, preprocess,
+                       precision, granularity=args.granularity, training_label=args.trainingLabel,
+                       sampling=args.sampling, resample_every=args.resampleEvery,
+                       reset_optimizer=args.resetOptimizer, dist_info=info)
 
     results = ResultsFile(run_dir / "results.json") if info.is_main else _NullResults()
     early = EarlyStopping(args.patience)
     best, best_files, start_epoch = {}, {}, 1
     last_val, last_test = {}, {}
-    s = None  # the sampler's probabilities, recomputed every --resampleEvery epochs
     if args.loadModel and not (run_dir / "last.pt").is_file():
         # the previous attempt died during its first epoch, after writing results.json
         results.truncate_after(0)
@@ -309,12 +339,11 @@ def _train(args, cfg, device, model, tiles, num_classes, run_dir, logger, writer
         if state.get("scaler") and precision.scaler.is_enabled():  # float16 loss scale
             precision.scaler.load_state_dict(state["scaler"])
         weights.load_state_dict(state["weights"])
-        targets = state["targets"].to(device)
+        targets.copy_(state["targets"])
         early.load_state_dict(state["early_stopping"])
         best, best_files = dict(state["best"]), dict(state["best_files"])
         last_val, last_test = dict(state["last_val"]), dict(state["last_test"])
-        s = state.get("sampler_weights")  # absent in checkpoints written before --resampleEvery
-        s = None if s is None else s.to(device)
+        setup.sampler_probs = state["sampler_weights"].to(device)
         set_rng_state(state["rng"])
         start_epoch = state["epoch"] + 1
         results.truncate_after(state["epoch"])
@@ -326,20 +355,15 @@ def _train(args, cfg, device, model, tiles, num_classes, run_dir, logger, writer
             logger.info(f"resumed from {run_dir / 'last.pt'} at epoch {start_epoch}")
 
     for epoch in range(start_epoch, args.epoch + 1):
-        if s is None or (epoch - 1) % args.resampleEvery == 0:
-            s = sampler_weights(weights.alpha, tile_labels)  # raises when every weight is zero
-        sampler.set_epoch(epoch)
-        sampler.set_weights(s if args.sampling else None)
-        weights.reset_state()  # the reference rebuilt its Adam every epoch
-        if args.resetOptimizer:
-            optimizer.state.clear()
-        stats = train_one_epoch(train_model, train_loader, optimizer, weights, tile_labels, targets, preprocess,
-                                granularity=args.granularity, training_label=args.trainingLabel,
-                                desc=f"epoch {epoch} train", precision=precision, dist_info=info)
+        stats = train_epoch(setup, epoch)
         stats = mean_over_processes(stats, info, device, sum_keys=("images", "steps", "images_per_s", "skipped_batches"))
         if info.is_main:  # the main process validates; its metrics decide for every process
+            val = tiles["val"]
             val_probs = predict(model, val_loader, preprocess, desc=f"epoch {epoch} val", precision=precision)
-            last_val = metric_fn(tiles["val"].tile_labels, val_probs)
+            if args.valLevel == "image":
+                last_val = metric_fn(val.bag_labels, bag_max(val_probs, val.tile_bag, len(val.bags)))
+            else:
+                last_val = metric_fn(val.tile_labels, val_probs)
         last_val = broadcast_object(last_val, info)
         improved = best_improved(best, last_val, keys=tuple(BEST_METRICS))
         logger.info(f"epoch {epoch} | loss {stats['loss']:.4f} | {stats['images_per_s']:.1f} img/s | "
@@ -367,16 +391,15 @@ def _train(args, cfg, device, model, tiles, num_classes, run_dir, logger, writer
                     if old and old != name and (run_dir / old).is_file():
                         (run_dir / old).unlink()
                     best_files[key] = name
-        weights.set_lr_scale(lr_coefficients(targets, args.updateLR))
         stop = early.step(bool(improved))
 
         wstats = weight_stats(weights.alpha, tile_labels)
         _log_scalars(writer, "train", {k: stats[k] for k in ("loss", "images_per_s", "skipped_batches")}, epoch)
         writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], epoch)
-        writer.add_scalar("train/weight_lr", args.weight_lr, epoch)
+        writer.add_scalar("train/weight_lr", weight_lr(args), epoch)
         _log_scalars(writer, "val", last_val, epoch)
         _log_scalars(writer, "weights", wstats, epoch)
-        entropy = sampling_entropy(s) if args.sampling else 1.0  # 1 = uniform (shuffling)
+        entropy = sampling_entropy(setup.sampler_probs) if args.sampling else 1.0  # 1 = uniform (shuffling)
         writer.add_scalar("sampler/entropy", entropy, epoch)
         writer.add_histogram("weights/alpha", weights.alpha[tile_labels > 0] if weights.alpha.dim() == 2
                              else weights.alpha, epoch)
@@ -392,7 +415,7 @@ def _train(args, cfg, device, model, tiles, num_classes, run_dir, logger, writer
                          "scaler": precision.scaler.state_dict(),
                          "weights": weights.state_dict(), "targets": targets.cpu(), "early_stopping": early.state_dict(),
                          "best": best, "best_files": best_files, "rng": rng_state(), "stopped": stop,
-                         "sampler_weights": s.cpu(),
+                         "sampler_weights": setup.sampler_probs.cpu(),
                          "last_val": last_val, "last_test": last_test,
                          "config": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))},
                          "num_classes": num_classes}, run_dir / "last.pt")
