@@ -23,7 +23,7 @@ STD = (0.008, 0.102, 0.008)
 # Model and optimisation (the seed README's defaults; its single-label command adds --lr 1e-3).
 ARCH = "resnet50"
 LR = 5e-3
-WEIGHT_LR = 5e-3
+WEIGHT_LR = None        # the reference main_single.py put its weights in the network's Adam at --lr
 EPOCHS = 200
 TRAIN_BATCH_SIZE = 32
 TEST_BATCH_SIZE = 64
@@ -32,11 +32,13 @@ PATIENCE = 4
 
 # Method defaults: what the reference main_single.py hard-wired, each overridable by its flag.
 INIT_WEIGHT = "iw-ones"     # weight 1 on the positive label (every init gives this for one label)
-UPDATE_LR = "ulr-ones"      # ulr-adaptive would give single-label groups learning rate 0
+UPDATE_LR = "ulr-ones"      # one group, one learning rate: nothing to adapt
 TRAINING_LABEL = "pseudo"   # the reference always ran the pseudo-label path
 GRANULARITY = "label"
-SAMPLING = False
-RESAMPLE_EVERY = 2          # the reference rebuilt its train loader every second epoch
+WEIGHT_GROUPS = "one"       # one weight tensor [N, C], one Adam parameter group, never reset
+SAMPLING = True             # the reference always drew tiles by their weights
+RESAMPLE_EVERY = 2          # ... with probabilities recomputed on odd epochs (1, 3, 5, ...)
+VAL_LEVEL = "image"         # model selection and early stopping on val images (max over tiles)
 
 # Where things go.
 PATH_MODEL_ROOT = "./checkpoints"

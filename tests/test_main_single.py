@@ -147,7 +147,7 @@ def test_singlelabel_metrics_reject_multi_label_rows():
 def single_run(mixed_dirs):
     run_dir = mixed_dirs["cache"].parent / "single_run"
     result = main_single.main(cpu_argv(mixed_dirs["data"], run_dir, mixed_dirs["cache"], "--saveModel",
-                                       "--epoch", "2", "--lr", "1e-3", "--sampling"))
+                                       "--epoch", "2", "--lr", "1e-3"))
     return {"result": result, "run_dir": run_dir, "df": mixed_dirs["df"]}
 
 
@@ -169,9 +169,9 @@ def test_single_run_tests_on_the_single_label_test_images(single_run):
     assert last["confusion_matrix"] == skm.confusion_matrix(truth, probs.argmax(axis=1),
                                                             labels=range(NUM_CLASSES)).tolist()
     assert single_run["result"]["test"]["confusion_matrix"] == last["confusion_matrix"]
-    # validation is tile-level on the single-label val images (4 tiles each)
+    # validation is image-level (max over the 4 tiles) on the single-label val images
     n_val = int(((df["Split"] == "val") & (df["TARGET"].str.split().map(len) == 1)).sum())
-    assert records[-1]["val_results"]["n_samples"] == 4 * n_val
+    assert all(r["val_results"]["n_samples"] == n_val for r in records)
 
 
 def test_single_run_confusion_matrix_csv(single_run):
@@ -196,7 +196,9 @@ def test_single_run_outputs_and_log(single_run):
     assert "dropped" in log and "top1_acc" in log
     assert "epoch 2 |" in log
     args = json.loads((run_dir / "args.json").read_text())
-    assert (args["trainingLabel"], args["resampleEvery"]) == ("pseudo", 2)
+    assert (args["trainingLabel"], args["resampleEvery"], args["sampling"]) == ("pseudo", 2, True)
+    assert (args["weightGroups"], args["valLevel"], args["weight_lr"]) == ("one", "image", None)
+    assert "weights: one group, learning rate 0.001 (--lr)" in log
 
 
 def test_single_run_tensorboard_has_the_confusion_image(single_run):
@@ -217,6 +219,11 @@ def test_parser_defaults_come_from_config_single():
     assert args.trainingLabel == config_single.TRAINING_LABEL == "pseudo"
     assert args.resampleEvery == config_single.RESAMPLE_EVERY == 2
     assert args.initWeight == "iw-ones" and args.granularity == "label"
+    assert args.sampling is True and args.weight_lr is None and args.weightGroups == "one"
+    assert args.valLevel == "image" and args.resetOptimizer is False
+    main_args = main.build_parser().parse_args([])
+    assert (main_args.sampling, main_args.weightGroups, main_args.valLevel) == (False, "count", "tile")
+    assert main_args.weight_lr == config.WEIGHT_LR
     assert (args.lr, args.epoch, args.arch) == (config_single.LR, config_single.EPOCHS, config_single.ARCH)
     assert config_single.SINGLE_LABEL and not config.SINGLE_LABEL
     assert config_single.PATH_TRAIN_ANNFILE != config.PATH_TRAIN_ANNFILE
@@ -230,7 +237,7 @@ def test_main_single_has_exactly_the_flags_of_main():
 
 
 def _sampler_weights_after(mixed_dirs, tmp_path, run, *extra):
-    main_single.main(cpu_argv(mixed_dirs["data"], tmp_path / run, mixed_dirs["cache"], "--sampling", "--epoch", "2",
+    main_single.main(cpu_argv(mixed_dirs["data"], tmp_path / run, mixed_dirs["cache"], "--epoch", "2",
                               "--lr", "1e-3", "--weight_lr", "0.05", *extra))
     return torch.load(tmp_path / run / "last.pt", map_location="cpu", weights_only=True)
 
@@ -247,7 +254,7 @@ def test_sampler_is_refreshed_every_second_epoch(mixed_dirs, tmp_path):
 
 def test_single_resume_continues_exactly(mixed_dirs, tmp_path):
     data, cache = mixed_dirs["data"], mixed_dirs["cache"]
-    common = ("--sampling", "--lr", "1e-3", "--weight_lr", "0.05", "--saveModel")
+    common = ("--lr", "1e-3", "--weight_lr", "0.05", "--saveModel")
     main_single.main(cpu_argv(data, tmp_path / "A", cache, *common, "--epoch", "3"))
     # resume at epoch 2, which does not refresh the sampler: it must reuse epoch 1's probabilities
     main_single.main(cpu_argv(data, tmp_path / "B", cache, *common, "--epoch", "1"))
@@ -265,6 +272,62 @@ def test_single_resume_continues_exactly(mixed_dirs, tmp_path):
 
 def test_ulr_adaptive_on_single_label_data_is_explained_in_the_log(mixed_dirs, tmp_path):
     main_single.main(cpu_argv(mixed_dirs["data"], tmp_path / "run", mixed_dirs["cache"], "--epoch", "1",
-                              "--updateLR", "ulr-adaptive"))
+                              "--updateLR", "ulr-adaptive", "--weightGroups", "count"))
     log = (tmp_path / "run" / "output.txt").read_text()
     assert "ulr-adaptive gives every weight learning rate 0" in log
+
+
+def test_weights_share_one_group_at_the_network_lr_and_are_never_reset(mixed_dirs, tmp_path):
+    data, cache = mixed_dirs["data"], mixed_dirs["cache"]
+    main_single.main(cpu_argv(data, tmp_path / "run", cache, "--epoch", "1", "--lr", "2e-3"))
+    one = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)
+    main_single.main(cpu_argv(data, tmp_path / "run", cache, "--epoch", "2", "--lr", "2e-3", "--loadModel"))
+    two = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)
+    w = two["weights"]
+    assert w["grouping"] == "one" and torch.equal(w["group"], torch.zeros_like(w["group"]))
+    assert w["group_lr"].tolist() == [pytest.approx(2e-3)]  # the network's --lr, no weight lr of its own
+    # one tensor that takes a step on every training step and is never reset: its step count
+    # is the run's number of steps (the network's Adam counts the same steps)
+    net_steps = max(int(s["step"]) for s in two["optimizer"]["state"].values())
+    assert w["steps"].tolist() == [float(net_steps)]
+    assert w["steps"].item() > one["weights"]["steps"].item() > 0
+    assert two["optimizer"]["state"] and int(one["optimizer"]["state"][0]["step"]) < net_steps
+
+
+def test_sampler_probabilities_refresh_on_odd_epochs(mixed_dirs, tmp_path):
+    from models.sample_weights import sampler_weights
+    data, cache = mixed_dirs["data"], mixed_dirs["cache"]
+    argv = ("--lr", "1e-3", "--weight_lr", "0.05")
+    main_single.main(cpu_argv(data, tmp_path / "run", cache, *argv, "--epoch", "2"))
+    two = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)
+    assert torch.equal(two["sampler_weights"], torch.ones_like(two["sampler_weights"]))  # epoch 2: epoch 1's
+    main_single.main(cpu_argv(data, tmp_path / "run", cache, *argv, "--epoch", "3", "--loadModel"))
+    three = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)
+    labels = (two["targets"] > 0).float()  # main_single keeps the bag labels as targets' positives
+    expected = sampler_weights(two["weights"]["alpha"], labels)  # epoch 3: from the weights after epoch 2
+    assert torch.allclose(three["sampler_weights"].float(), expected.float())
+    assert not torch.equal(expected, torch.ones_like(expected))
+
+
+def test_image_level_val_chooses_the_best_models(mixed_dirs, tmp_path):
+    from datasets.ana import CachedTileDataset, build_tile_cache
+    from models.backbones import build_resnet_classifier
+    from utils.ana_engine import BatchPreprocessor, bag_max, predict
+    from utils.metrics import singlelabel_metrics
+    data, cache = mixed_dirs["data"], mixed_dirs["cache"]
+    argv = cpu_argv(data, tmp_path / "run", cache, "--saveModel", "--epoch", "2", "--lr", "1e-3")
+    main_single.main(argv)
+    records = json.loads((tmp_path / "run" / "results.json").read_text())
+    args = main_single.build_parser().parse_args(argv)
+    val = load_splits(args, config_single)[0]["val"]
+    loader = torch.utils.data.DataLoader(CachedTileDataset(build_tile_cache(val, 32, cache)), batch_size=16)
+    preprocess = BatchPreprocessor(config_single.MEAN, config_single.STD, torch.device("cpu"))
+    epoch = max(r["epoch"] for r in records if "mAP" in r["improved"])
+    model = build_resnet_classifier("resnet18", NUM_CLASSES, False)
+    model.load_state_dict(torch.load(tmp_path / "run" / f"{epoch}_mAP.pt", weights_only=True))
+    image_val = singlelabel_metrics(val.bag_labels, bag_max(predict(model, loader, preprocess), val.tile_bag,
+                                                            len(val.bags)))
+    recorded = next(r for r in records if r["epoch"] == epoch)["val_results"]
+    assert recorded["n_samples"] == len(val.bags) < len(val)  # images, not tiles
+    assert recorded["mAP"] == pytest.approx(image_val["mAP"], abs=1e-6)
+    assert recorded["f1_mi"] == pytest.approx(image_val["f1_mi"], abs=1e-6)
