@@ -196,6 +196,17 @@ def test_output_location_that_cannot_be_a_folder(name, kind, ana_args, tmp_path,
     assert not (unwritable_dir / "out").exists()
 
 
+def test_a_complete_tile_cache_need_not_be_writable(ana_done, tiny_ana_master, shared, tmp_path, monkeypatch):
+    """A shared read-only cache that holds every tile needs no write: only a missing file asks for one."""
+    checked = []
+    original = ana_trainer.check_output_dir
+    monkeypatch.setattr(ana_trainer, "check_output_dir", lambda path, flag: checked.append(flag) or original(path, flag))
+    main.main(cpu_argv(tiny_ana_master, tmp_path / "run", shared / "cache", "--epoch", "1"))
+    assert checked == ["--pathModelParams"]
+    main.main(cpu_argv(tiny_ana_master, tmp_path / "run2", tmp_path / "new_cache", "--epoch", "1"))
+    assert checked[1:] == ["--pathModelParams", "--cacheDir"]
+
+
 def test_pick_refuses_an_output_folder_whose_box_is_a_file(picker, tmp_path, capsys):
     out = tmp_path / "picks"
     out.mkdir()

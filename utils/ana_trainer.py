@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from datasets.ana import (CachedTileDataset, build_tile_cache, build_tileset, check_split_overlap, describe,
-                          read_annotations)
+                          read_annotations, tile_cache_key)
 from datasets.samplers import InstanceSampler, sampling_entropy
 from models.backbones import RESNETS, build_resnet_classifier
 from models.pseudo_labels import TRAINING_LABELS
@@ -223,11 +223,13 @@ def run(args, cfg, command=None):
     _check_args(args, cfg)
     run_dir = Path(args.pathModelParams) if args.pathModelParams else default_run_name(args, cfg)
     check_output_dir(run_dir, "--pathModelParams")
-    check_output_dir(args.cacheDir, "--cacheDir")
     lock = RunLock(run_dir, hint="or choose another --pathModelParams")
     lock.check()  # another run in this directory: refuse before the slow start-up
     device = resolve_device(args.device)
     tiles, num_classes, notes = load_splits(args, cfg)
+    # the tile cache is written only when a split's file is missing (a complete read-only cache is fine)
+    if not all((Path(args.cacheDir) / tile_cache_key(ts, args.imageSize)).is_file() for ts in tiles.values()):
+        check_output_dir(args.cacheDir, "--cacheDir")
     last_path = run_dir / "last.pt"
     started = last_path.is_file() or (run_dir / "results.json").is_file()
     attempted = started or (run_dir / "args.json").is_file() or (run_dir / "output.txt").is_file()
