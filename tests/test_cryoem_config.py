@@ -401,3 +401,24 @@ def test_cli_result_round_trips(tmp_path):
                               cli(data_dir=tmp_path, epochs=2, device="cpu"))
     dump_config(cfg, tmp_path / "resolved.yaml")
     assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+FLOAT_KEYS = [("data", "val_fraction"), ("data", "test_fraction"), ("loss", "prior"),
+              ("loss", "consistency_threshold"), ("loss", "lambda_consistency"), ("loss", "lambda_entropy"),
+              ("loss", "nnpu_beta"), ("loss", "nnpu_gamma"), ("model", "ema_decay"), ("model", "dropout"),
+              ("training", "learning_rate"), ("training", "weight_decay"), ("training", "grad_clip"),
+              ("training", "min_lr")]
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+@pytest.mark.parametrize("section, key", FLOAT_KEYS, ids=[f"{s}.{k}" for s, k in FLOAT_KEYS])
+def test_every_float_key_refuses_non_finite_values(tmp_path, section, key, value):
+    path = write(tmp_path, f"{section}:\n  {key}: {value}\n")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}: {section}\.{key} must be a number"):
+        load_config(path)
+
+
+def test_the_float_key_list_is_complete():
+    from utils.cryoem_config import _CHECKS
+    floats = {(s, k) for s, checks in _CHECKS.items() for k, c in checks.items() if getattr(c, "kind", "") == "float"}
+    assert floats | {("loss", "prior")} == set(FLOAT_KEYS)
