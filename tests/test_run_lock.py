@@ -128,3 +128,35 @@ def test_forked_children_do_not_keep_the_lock(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.stdout.close()
+
+
+def test_a_lock_file_that_cannot_be_opened_is_a_user_error(tmp_path):
+    (tmp_path / LOCK_NAME).mkdir()  # e.g. a folder in its place (a file of another user is the same error)
+    with pytest.raises(UserError, match=r"lock file .*run.lock cannot be opened for writing \(Is a directory\)"):
+        RunLock(tmp_path).acquire()
+
+
+def test_without_record_locks_the_pid_in_the_record_decides(tmp_path, monkeypatch):
+    """A file system without POSIX locks (lockf fails with ENOLCK): a live pid of this host holds
+    the directory, a dead one is stale."""
+    import errno
+
+    import utils.run_lock as run_lock
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(run_lock.fcntl, "lockf", no_locks)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        write_record(tmp_path, pid=sleeper.pid)
+        with pytest.raises(UserError, match=f"pid {sleeper.pid} on host"):
+            RunLock(tmp_path).check()
+        with pytest.raises(UserError, match=f"pid {sleeper.pid} on host"):
+            RunLock(tmp_path).acquire()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    lock = RunLock(tmp_path)
+    assert f"of pid {sleeper.pid} on host" in lock.acquire()  # its process has ended: stale
+    lock.release()

@@ -13,7 +13,8 @@ kernel drops the moment its process ends, however it ends (kill -9 included), so
   the message says to delete the file if that run has ended.
 
 POSIX record locks belong to the process and are not inherited by forked children, so
-DataLoader workers never keep a directory locked after their parent has died.
+DataLoader workers never keep a directory locked after their parent has died. On a file system
+without record locks the record alone decides: a live pid of this host holds the directory.
 """
 import errno
 import fcntl
@@ -28,23 +29,38 @@ from utils.checkpoint import remove_leftover_temp_files
 from utils.errors import UserError
 
 LOCK_NAME = "run.lock"
+_BUSY = (errno.EACCES, errno.EAGAIN)  # another process holds the record lock
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)  # a file system without record locks
 
 
 def _read_record(fd):
-    os.lseek(fd, 0, os.SEEK_SET)
-    raw = os.read(fd, 65536)
+    """The holder's record ({"pid", "host", "started", "command"}), or None when empty or unreadable."""
     try:
-        record = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        os.lseek(fd, 0, os.SEEK_SET)
+        return json.loads(os.read(fd, 65536).decode("utf-8")) or None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    return record if isinstance(record, dict) else None
 
 
 def _describe(record):
-    if not record:
+    if not isinstance(record, dict):
         return "an unknown process"
     return (f"pid {record.get('pid')} on host {record.get('host')} since {record.get('started')}"
             + (f" ({record['command']})" if record.get("command") else ""))
+
+
+def _alive(pid):
+    """Whether process ``pid`` of this host exists (a garbled pid: no)."""
+    try:
+        pid = int(pid)
+        if pid <= 0:
+            return False
+        os.kill(pid, 0)
+    except (ProcessLookupError, TypeError, ValueError, OverflowError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 class RunLock:
@@ -64,55 +80,61 @@ class RunLock:
         raise UserError(f"{self.path.parent} is in use by another run: {_describe(record)}{why}; "
                         f"wait for it to end{(' ' + self.hint) if self.hint else ''} (lock file {self.path})")
 
-    def _check_record(self, record):
-        """Refuse a record written on another host (its process cannot be checked from here)."""
-        if record and record.get("host") != socket.gethostname():
-            self._refuse(record, why=", which cannot be checked from this host; delete the lock file if "
-                                   "that run has ended, or")
+    def _judge(self, fd, exclusive):
+        """Lock ``fd`` (without waiting) and return the previous holder's record; refuse when a live
+        process holds the directory. Where the file system has no record locks, the record decides:
+        a live pid of this host holds it."""
+        try:
+            fcntl.lockf(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            locks = True
+        except OSError as exc:
+            if exc.errno in _BUSY:
+                self._refuse(_read_record(fd))
+            if exc.errno not in _NO_LOCKS:
+                raise UserError(f"lock file {self.path} cannot be locked ({exc.strerror})") from None
+            locks = False
+        record = _read_record(fd)
+        if isinstance(record, dict) and record.get("host") != socket.gethostname():
+            self._refuse(record, why=", which cannot be checked from this host; delete the lock file if that run "
+                                     "has ended, or")
+        if not locks and isinstance(record, dict) and record.get("pid") != os.getpid() and _alive(record.get("pid")):
+            self._refuse(record)
+        return record
 
     def check(self):
-        """Refuse now if another live process holds the lock; reads only (for a fail-fast check
-        before the slow part of a start-up; :meth:`acquire` decides)."""
+        """Refuse now if another live process holds the lock; reads only (a fail-fast check before
+        the slow part of a start-up; :meth:`acquire` decides)."""
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except (FileNotFoundError, NotADirectoryError):
             return
+        except OSError as exc:
+            raise UserError(f"lock file {self.path} cannot be read ({exc.strerror}); expected a file this user "
+                            f"can read and write") from None
         try:
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno in (errno.EACCES, errno.EAGAIN):
-                    self._refuse(_read_record(fd))
-                raise
-            self._check_record(_read_record(fd))
+            self._judge(fd, exclusive=False)
         finally:
             os.close(fd)  # drops the shared lock
 
     def acquire(self):
         """Take the lock; return a line for the run's log when a stale lock was taken over, else None."""
         for _ in range(10):  # retried only when the file was replaced while we locked it
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:  # mode 0666 less the umask: in a group-shared folder another user can take a stale lock over
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             except OSError as exc:
-                record = _read_record(fd)
-                os.close(fd)
-                if exc.errno in (errno.EACCES, errno.EAGAIN):
-                    self._refuse(record)
-                raise
+                raise UserError(f"lock file {self.path} cannot be opened for writing ({exc.strerror}); expected "
+                                f"a file this user can read and write") from None
             try:
+                record = self._judge(fd, exclusive=True)
                 same_file = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:  # the previous holder removed it between our open and lock
+            except FileNotFoundError:  # the previous holder deleted it between our open and lock
                 same_file = False
+            except BaseException:
+                os.close(fd)
+                raise
             if not same_file:
                 os.close(fd)
                 continue
-            record = _read_record(fd)
-            try:
-                self._check_record(record)
-            except UserError:
-                os.close(fd)
-                raise
             mine = {"pid": os.getpid(), "host": socket.gethostname(),
                     "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}
             os.ftruncate(fd, 0)
