@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import mrcfile
@@ -59,7 +60,8 @@ def tree(folder):
 
 
 def write_mrc(path, array):
-    with mrcfile.new(path, overwrite=True) as mrc:
+    with warnings.catch_warnings(), mrcfile.new(path, overwrite=True) as mrc:
+        warnings.simplefilter("ignore", RuntimeWarning)  # mrcfile's header statistics of NaN/inf data
         mrc.set_data(np.asarray(array, dtype=np.float32))
     return path
 
