@@ -12,20 +12,20 @@ precision/recall of every threshold is a point of the same PR curve (utils/picki
 Writes evaluation.json (all numbers, per micrograph and overall, with the overall PR curve) and
 pr_curve.png into --output-dir, and prints one row per micrograph and the overall row.
 """
-import argparse
 import math
 import sys
 from pathlib import Path
 
 from datasets.micrographs import read_coordinates
-from utils.errors import UserError, exit_on_user_error
+from utils.checks import check_output_dir, float_arg
+from utils.errors import ArgumentParser, exit_on_user_error
 from utils.figures import pr_curve_image, save_png
 from utils.picking import evaluate_picks
 from utils.results import write_json
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Score particle picks against reference coordinates (precision, recall, F1, "
                     "average precision, best-F1 threshold), per micrograph and overall.")
     parser.add_argument("--picks", required=True,
@@ -33,10 +33,10 @@ def build_parser():
                              "(required)")
     parser.add_argument("--reference", required=True,
                         help="reference (true) particle coordinates, same formats as --picks (required)")
-    parser.add_argument("--radius", type=float, required=True,
+    parser.add_argument("--radius", type=float_arg(0, low_open=True), required=True,
                         help="a pick matches a reference particle whose centre is at most this many pixels "
                              "away; often the particle radius (required, no default: it depends on the data)")
-    parser.add_argument("--threshold", type=float, default=0.5,
+    parser.add_argument("--threshold", type=float_arg(), default=0.5,
                         help="picks with score >= this count as picked for precision/recall/F1 "
                              "(default: %(default)s; AP and best F1 use every pick)")
     parser.add_argument("--micrographs", nargs="+", default=None, metavar="NAME",
@@ -69,11 +69,12 @@ def main(argv=None):
     """Parse ``argv`` (default: sys.argv), evaluate, write the outputs and return the evaluation dict
     (the content of evaluation.json)."""
     args = build_parser().parse_args(argv)
-    if not args.radius > 0 or not math.isfinite(args.radius):
-        raise UserError(f"--radius {args.radius}: expected a positive number of pixels")
-    if not math.isfinite(args.threshold):
-        raise UserError(f"--threshold {args.threshold}: expected a finite score")
     picks_path, reference_path = Path(args.picks), Path(args.reference)
+    if args.output_dir is not None:
+        output_dir = Path(args.output_dir)
+    else:
+        output_dir = picks_path if picks_path.is_dir() else picks_path.parent
+    check_output_dir(output_dir, "--output-dir" if args.output_dir is not None else "the folder of --picks")
     picks, picks_info = read_coordinates(picks_path)
     reference, reference_info = read_coordinates(reference_path)
     print(f"picks: {picks_info}", file=sys.stderr)
@@ -81,10 +82,6 @@ def main(argv=None):
 
     result = evaluate_picks(picks, reference, args.radius, args.threshold, micrographs=args.micrographs)
     result = {"picks": str(picks_path), "reference": str(reference_path), **result}
-    if args.output_dir is not None:
-        output_dir = Path(args.output_dir)
-    else:
-        output_dir = picks_path if picks_path.is_dir() else picks_path.parent
     write_json(output_dir / "evaluation.json", result)
     overall = result["overall"]
     curve = overall["curve"]

@@ -5,15 +5,14 @@
 
 Defaults come from config.py; every flag overrides them. See README.md.
 """
-import argparse
-
 import config
 from utils.ana_trainer import add_arguments, run
-from utils.errors import exit_on_user_error
+from utils.errors import ArgumentParser, exit_on_user_error
+from utils.interrupt import rerun_command
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Self-paced MIML training for ANA images (multi-label). Defaults from config.py.")
     return add_arguments(parser, config)
 
@@ -22,7 +21,7 @@ def build_parser():
 def main(argv=None):
     """Parse ``argv`` (default: sys.argv), train, and return the final metrics dict."""
     args = build_parser().parse_args(argv)
-    return run(args, config)
+    return run(args, config, command=rerun_command(__file__, argv, add=("--loadModel",)))
 
 
 if __name__ == "__main__":

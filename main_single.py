@@ -7,15 +7,14 @@ defaults come from config_single.py, which keeps only images with exactly one la
 the reference main_single.py's specifics (pseudo-label targets, sampler refreshed every
 second epoch). Adds top-1 accuracy and a confusion matrix (confusion_matrix.csv, TensorBoard).
 """
-import argparse
-
 import config_single
 from utils.ana_trainer import add_arguments, run
-from utils.errors import exit_on_user_error
+from utils.errors import ArgumentParser, exit_on_user_error
+from utils.interrupt import rerun_command
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Self-paced training for single-label ANA images. Defaults from config_single.py.")
     return add_arguments(parser, config_single)
 
@@ -24,7 +23,7 @@ def build_parser():
 def main(argv=None):
     """Parse ``argv`` (default: sys.argv), train, and return the final metrics dict."""
     args = build_parser().parse_args(argv)
-    return run(args, config_single)
+    return run(args, config_single, command=rerun_command(__file__, argv, add=("--loadModel",)))
 
 
 if __name__ == "__main__":

@@ -11,15 +11,14 @@ test.pt from held-out micrographs, labelled_positives.csv and preprocess.json; t
 estimate goes into the metadata, where ``loss.prior: auto`` finds it. See
 datasets/cryoem_preprocess.py for the frames and the definitions.
 """
-import argparse
-
 from datasets.cryoem_preprocess import DTYPES, NORMALIZATIONS, PreprocessOptions, run_preprocess
-from utils.errors import exit_on_user_error
+from utils.checks import SEED_MAX, float_arg, int_arg
+from utils.errors import ArgumentParser, exit_on_user_error
 from utils.logger import close_run_logger, setup_run_logger
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Cut PU training patches (and labelled val/test patches) out of "
+    p = ArgumentParser(description="Cut PU training patches (and labelled val/test patches) out of "
                                             "micrographs with particle coordinates. Distances are in the "
                                             "original micrographs' pixels unless said otherwise.")
     p.add_argument("--micrographs", nargs="+", required=True,
@@ -27,46 +26,47 @@ def build_parser():
     p.add_argument("--coordinates", required=True,
                    help="particle centres: a STAR, BOX or CSV/TSV file, or a folder of per-micrograph files")
     p.add_argument("--output-dir", required=True, help="folder for the training files (the --data-dir of training)")
-    p.add_argument("--particle-radius", type=float, required=True,
+    p.add_argument("--particle-radius", type=float_arg(0, low_open=True), required=True,
                    help="particle radius in px; val/test negatives lie farther than this from every particle")
-    p.add_argument("--patch-size", type=int, default=128,
+    p.add_argument("--patch-size", type=int_arg(8), default=128,
                    help="side of the classified window in px of the downsampled micrograph, a multiple of 32 for "
                         "dense picking (default: %(default)s)")
-    p.add_argument("--context", type=int, default=64,
+    p.add_argument("--context", type=int_arg(0), default=64,
                    help="px of surroundings stored around each patch, a multiple of 32; the classifier pools "
                         "only the central window's features, so picking over whole micrographs matches it: "
                         "64 (two cells of the trunk's last feature map) makes the dense map equal the crop "
                         "classifier's within ~0.01, 32 leaves differences up to ~0.6 (default: %(default)s; "
                         "0 = bare patches)")
-    p.add_argument("--stride", type=int, default=64,
+    p.add_argument("--stride", type=int_arg(1), default=64,
                    help="step of the unlabelled sliding window, px of the downsampled micrograph (default: %(default)s)")
-    p.add_argument("--downsample", type=float, default=1.0,
+    p.add_argument("--downsample", type=float_arg(1), default=1.0,
                    help="downsampling factor by area averaging, >= 1 (default: %(default)s = none)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--labelled-fraction", type=float, default=0.1,
+    group.add_argument("--labelled-fraction", type=float_arg(0, 1, low_open=True), default=0.1,
                        help="fraction of each training micrograph's particles kept as labelled positives, "
                             "at least 1 (default: %(default)s); the rest stay unlabelled")
-    group.add_argument("--labelled-count", type=int, default=None,
+    group.add_argument("--labelled-count", type=int_arg(1), default=None,
                        help="or: this many labelled particles per training micrograph")
     p.add_argument("--val-micrographs", nargs="+", default=[], metavar="NAME",
                    help="micrographs held out for the labelled val set (default: none: training holds out "
                         "a fraction of its P and U patches instead)")
     p.add_argument("--test-micrographs", nargs="+", default=[], metavar="NAME",
                    help="micrographs held out for the labelled test set (default: none)")
-    p.add_argument("--positive-radius", type=float, default=None,
+    p.add_argument("--positive-radius", type=float_arg(0, low_open=True), default=None,
                    help="a window centred within this distance of a particle counts as positive for the prior "
                         "estimate (default: half the particle radius)")
-    p.add_argument("--expected-particles", type=float, default=None,
+    p.add_argument("--expected-particles", type=float_arg(0, low_open=True), default=None,
                    help="particles per micrograph, for the prior when the coordinates are incomplete "
                         "(default: count the annotated particles)")
     p.add_argument("--normalize", choices=NORMALIZATIONS, default="zscore",
                    help="per-micrograph normalisation after downsampling (default: %(default)s)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float16",
                    help="storage type of the patches (default: %(default)s)")
-    p.add_argument("--chunk-size", type=int, default=20000,
+    p.add_argument("--chunk-size", type=int_arg(1), default=20000,
                    help="patches per chunk_NNN.pt file; one file only is written as preprocessed_data.pt "
                         "(default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the labelled subset (default: %(default)s)")
+    p.add_argument("--seed", type=int_arg(0, SEED_MAX), default=0,
+                   help="seed of the labelled subset (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier preprocessing in --output-dir (default: refuse)")
     return p

@@ -13,13 +13,15 @@ from pathlib import Path
 
 from utils.cryoem_config import apply_cli_overrides, load_config
 from utils.cryoem_trainer import run
-from utils.errors import UserError, exit_on_user_error
+from utils.checks import SEED_MAX, int_arg
+from utils.errors import ArgumentParser, UserError, exit_on_user_error
+from utils.interrupt import rerun_command
 
 DEFAULT_CONFIG = "configs/pu_selective_fixmatch.yaml"
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Train a cryo-EM particle classifier from positive and unlabelled patches "
                     "(nnPU + Selective FixMatch with an EMA teacher). Values not given here come from --config.")
     parser.add_argument("--config", default=DEFAULT_CONFIG,
@@ -28,21 +30,21 @@ def build_parser():
                         help="run name: outputs go to <output-dir>/<exp-name>/ (default: the config file's stem)")
     parser.add_argument("--data-dir", default=None,
                         help="folder with preprocessed_data.pt or chunk_*.pt (default: data.data_dir of the config)")
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=int_arg(1), default=None,
                         help="patches per batch, mixed by data.batch_ratio (default: training.batch_size of the config)")
-    parser.add_argument("--epochs", type=int, default=None,
+    parser.add_argument("--epochs", type=int_arg(1), default=None,
                         help="maximum number of epochs (default: training.epochs of the config)")
     parser.add_argument("--output-dir", default="experiments",
                         help="parent folder of the run directories (default: %(default)s/)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in <output-dir>/<exp-name>/ from its last.pt (default: off, "
                              "start a new run; an existing run directory is then an error)")
-    parser.add_argument("--seed", type=int, default=None,
+    parser.add_argument("--seed", type=int_arg(0, SEED_MAX), default=None,
                         help="random seed of split, sampler, augmentation and initialisation "
                              "(default: training.seed of the config)")
     parser.add_argument("--device", default=None,
                         help="auto, cpu, cuda or cuda:N (default: training.device of the config; auto = CUDA if available)")
-    parser.add_argument("--num-workers", type=int, default=None,
+    parser.add_argument("--num-workers", type=int_arg(0), default=None,
                         help="DataLoader worker processes, 0 = main process (default: data.num_workers of the config)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="mixed precision on a GPU: bfloat16 where supported, else float16 with loss scaling "
@@ -71,7 +73,8 @@ def main(argv=None):
     exp_name = args.exp_name if args.exp_name is not None else config_path.stem
     if not exp_name or exp_name in (".", "..") or "/" in exp_name or "\\" in exp_name:
         raise UserError(f"--exp-name {exp_name!r} must be a plain folder name (no path separators)")
-    return run(cfg, argparse.Namespace(exp_name=exp_name, output_dir=args.output_dir, resume=args.resume))
+    return run(cfg, argparse.Namespace(exp_name=exp_name, output_dir=args.output_dir, resume=args.resume,
+                                       command=rerun_command(__file__, argv, add=("--resume",))))
 
 
 if __name__ == "__main__":

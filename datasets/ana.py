@@ -102,9 +102,30 @@ class TileSet:
         return len(self.image_paths)
 
 
+# Pillow modes of images with more than 8 bits per channel. They are refused rather than scaled:
+# converting them to the 8-bit RGB the network and MEAN/STD expect needs an intensity mapping
+# that the file does not give (12-bit camera data in 16-bit containers, floats of any range),
+# and a fixed guess (Pillow clips 16-bit values at 255 and turns floats black) trains on images
+# that differ from the ones the user sees. README, "Training on your data", says how to convert.
+WIDE_MODES = {"I": "32-bit integer", "F": "32-bit float"}
+
+
+def _wide_mode(mode):
+    """What a Pillow mode with more than 8 bits per channel is ("16-bit integer", ...), else None."""
+    if mode.startswith("I;16"):
+        return "16-bit integer"
+    return WIDE_MODES.get(mode)
+
+
 def _image_size(path):
+    """``(width, height)`` from the header; UserError for a missing, unreadable or >8-bit image."""
     try:
         with Image.open(path) as im:
+            wide = _wide_mode(im.mode)
+            if wide:
+                raise UserError(f"image {path} is a {wide} image (Pillow mode {im.mode}); expected 8-bit grey or "
+                                f"RGB: convert it to 8 bits with the intensity range you want (README, "
+                                f"'Training on your data')")
             return im.size
     except FileNotFoundError:
         raise UserError(f"image {path} does not exist (check the CSV's path column and DIR_*_IMAGES / --imageDir)") from None
@@ -165,6 +186,44 @@ def _decode_tiles(path, boxes, image_size):
             return out
     except (UnidentifiedImageError, OSError) as exc:
         raise UserError(f"image {path} cannot be decoded ({exc})") from None
+
+
+def _first(names, limit=3):
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_split_overlap(splits, allow_overlap=False):
+    """Images listed twice: within a split a warning, across splits an error unless allowed.
+
+    ``splits`` is a list of ``(split, rows, image_dir, csv_path)``; an image is identified by
+    its resolved path (``image_dir / path``, symbolic links followed). Returns warning lines for
+    the run's log. The same image in train and val/test (or val and test) is a
+    :class:`UserError` naming the CSV, the count and the first paths, unless ``allow_overlap``
+    (``--allowSplitOverlap``), which turns it into a warning.
+    """
+    notes, seen = [], {}
+    for split, rows, image_dir, csv_path in splits:
+        keys = pd.Series([os.path.normcase(os.path.realpath(Path(image_dir) / p)) for p in rows["path"]],
+                         index=rows.index)
+        repeated = keys.duplicated(keep="first")
+        if repeated.any():  # each image listed more than once, named by its first row
+            names = list(rows.loc[keys[keys.isin(set(keys[repeated]))].drop_duplicates().index, "path"])
+            notes.append(f"warning: {csv_path} {split}: {len(names)} image(s) listed more than once "
+                         f"({int(repeated.sum())} extra rows; {_first(names)}); each row counts as a separate image")
+        seen[split] = (dict(zip(keys, rows["path"])), csv_path)
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        if a not in seen or b not in seen:
+            continue
+        shared = [name for key, name in seen[a][0].items() if key in seen[b][0]]
+        if not shared:
+            continue
+        text = f"{len(shared)} image(s) are in both {a} and {b} ({_first(shared)})"
+        if allow_overlap:
+            notes.append(f"warning: {seen[b][1]}: {text}; allowed by --allowSplitOverlap")
+        else:
+            raise UserError(f"{seen[b][1]}: {text}; metrics on images the model trained on (or was selected on) "
+                            f"are inflated: fix the Split column, or pass --allowSplitOverlap to train anyway")
+    return notes
 
 
 def tile_cache_key(tiles, image_size):

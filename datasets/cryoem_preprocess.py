@@ -57,8 +57,10 @@ from scipy.spatial import cKDTree
 from datasets.micrographs import (check_coordinates, list_micrographs, micrograph_key, micrograph_shape,
                                   read_coordinates, read_micrograph, write_csv)
 from utils.checkpoint import save_checkpoint
+from utils.checks import check_output_dir
 from utils.errors import UserError
 from utils.results import to_json_safe, write_json
+from utils.run_lock import RunLock
 
 NORMALIZATIONS = ("zscore", "none")
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -80,7 +82,7 @@ def prepare_micrograph(array, downsample=1.0, normalization="zscore", device=Non
         raise ValueError(f"downsample must be >= 1, got {downsample!r}")
     x = torch.as_tensor(np.ascontiguousarray(array), dtype=torch.float32, device=device)
     H, W = x.shape
-    h, w = max(1, round(H / downsample)), max(1, round(W / downsample))
+    h, w = downsampled_shape((H, W), downsample)
     if (h, w) != (H, W):
         # antialiased bilinear: a triangle filter as wide as the factor, centred on the
         # output pixel's centre in the input, (u + 0.5) * scale - 0.5 (= to_original)
@@ -89,6 +91,12 @@ def prepare_micrograph(array, downsample=1.0, normalization="zscore", device=Non
         std = x.std()
         x = (x - x.mean()) / (std if std > 0 else 1.0)
     return x.contiguous(), (W / w, H / h)
+
+
+def downsampled_shape(shape, downsample):
+    """``(h, w)`` of an ``(H, W)`` micrograph downsampled by ``downsample`` (module docstring)."""
+    H, W = shape
+    return max(1, round(H / downsample)), max(1, round(W / downsample))
 
 
 def to_downsampled(xy, scale):
@@ -156,7 +164,7 @@ class PreprocessOptions:
         """UserError naming the flag for a value out of range."""
         def bad(flag, value, expected):
             raise UserError(f"{flag} is {value!r}, expected {expected}")
-        if not self.particle_radius > 0:
+        if not self.particle_radius > 0 or not math.isfinite(self.particle_radius):
             bad("--particle-radius", self.particle_radius, "a positive number of pixels")
         if self.patch_size < 8 or self.patch_size % 2:
             bad("--patch-size", self.patch_size, "an even number >= 8")
@@ -164,15 +172,15 @@ class PreprocessOptions:
             bad("--context", self.context, "a non-negative multiple of 32 px (the trunk's stride)")
         if self.stride < 1:
             bad("--stride", self.stride, "a positive number of pixels")
-        if not self.downsample >= 1:
+        if not self.downsample >= 1 or not math.isfinite(self.downsample):
             bad("--downsample", self.downsample, "a factor >= 1")
         if self.labelled_count is None and not 0 < self.labelled_fraction <= 1:
             bad("--labelled-fraction", self.labelled_fraction, "a fraction in (0, 1]")
         if self.labelled_count is not None and self.labelled_count < 1:
             bad("--labelled-count", self.labelled_count, "a positive number of particles per micrograph")
-        if self.positive_radius is not None and not self.positive_radius > 0:
+        if self.positive_radius is not None and not 0 < self.positive_radius < math.inf:
             bad("--positive-radius", self.positive_radius, "a positive number of pixels")
-        if self.expected_particles is not None and not self.expected_particles > 0:
+        if self.expected_particles is not None and not 0 < self.expected_particles < math.inf:
             bad("--expected-particles", self.expected_particles, "a positive number per micrograph")
         if self.normalization not in NORMALIZATIONS:
             bad("--normalize", self.normalization, f"one of {', '.join(NORMALIZATIONS)}")
@@ -300,6 +308,9 @@ def run_preprocess(micrograph_inputs, coordinates_path, out_dir, opts, logger=No
     log = logger or logging.getLogger(__name__)
     opts.check()
     out_dir = Path(out_dir)
+    check_output_dir(out_dir, "--output-dir")
+    lock = RunLock(out_dir, hint="or choose another --output-dir")
+    lock.check()
     if existing_data(out_dir) and not overwrite:
         raise UserError(f"{out_dir} already holds preprocessed data ({', '.join(existing_data(out_dir)[:3])}); "
                         f"pass --overwrite to replace it or choose another --output-dir")
@@ -319,7 +330,7 @@ def run_preprocess(micrograph_inputs, coordinates_path, out_dir, opts, logger=No
     for path in paths:
         key = micrograph_key(path.name)
         H, W = sizes[key]
-        h, w = max(1, round(H / opts.downsample)), max(1, round(W / opts.downsample))  # as prepare_micrograph
+        h, w = downsampled_shape((H, W), opts.downsample)
         if h < P or w < P:
             raise UserError(f"{path}: {w}x{h} px after downsampling by {opts.downsample:g} is smaller than "
                             f"--patch-size {P}")
@@ -348,9 +359,16 @@ def run_preprocess(micrograph_inputs, coordinates_path, out_dir, opts, logger=No
 
     rng = np.random.default_rng(opts.seed)
     dtype = DTYPES[opts.dtype]
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".preprocess-", dir=out_dir))
+    lock.acquire()
+    tmp = None
     try:
+        lock.tidy(log)
+        for old in out_dir.glob(".preprocess-*"):  # left by a killed run (we hold the lock: not a live one)
+            shutil.rmtree(old, ignore_errors=True)
+            log.info("removed %s, left by an interrupted preprocessing", old)
+        tmp = Path(tempfile.mkdtemp(prefix=".preprocess-", dir=out_dir))
         writer = _ChunkWriter(tmp, opts.chunk_size, dtype, metadata)
         held = {"val": {"patches": [], "labels": []}, "test": {"patches": [], "labels": []}}
         per_mic, labelled_rows = {}, []
@@ -404,7 +422,11 @@ def run_preprocess(micrograph_inputs, coordinates_path, out_dir, opts, logger=No
         write_json(tmp / "preprocess.json", summary)
         _install(tmp, out_dir)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        lock.release()
+        if created and not any(out_dir.iterdir()):  # a failed first run leaves no empty folder behind
+            out_dir.rmdir()
     log.info("wrote %s to %s: %d labelled positives, %d unlabelled patches, prior %.4f (%s)",
              ", ".join(summary["files"]), out_dir, writer.n_pos, writer.n_unl, prior, metadata["prior_method"])
     return summary

@@ -129,7 +129,9 @@ def read_micrograph(path):
     squeezed, a stack or volume of more sections is an error. TIFF / PNG / JPG are read with
     Pillow: grey modes (``L``, ``I;16``, ``I``, ``F``) keep their values; colour images become
     luminance ``0.299 R + 0.587 G + 0.114 B`` (alpha ignored); multi-page TIFFs are an error.
-    No flip, no normalisation. Missing, corrupt or unknown-suffix files raise UserError.
+    No flip, no normalisation. Missing, corrupt or unknown-suffix files raise UserError, and so
+    do images that cannot hold particles: a NaN or infinite pixel (normalisation would turn the
+    whole micrograph into NaN) and a constant image (no contrast, nothing to pick).
     """
     path = Path(path)
     if not path.is_file():
@@ -144,6 +146,14 @@ def read_micrograph(path):
                         f"{', '.join(MICROGRAPH_SUFFIXES)}")
     if image.ndim != 2 or image.size == 0:
         raise UserError(f"{path}: image has shape {tuple(image.shape)}; expected a non-empty 2-D image")
+    bad = ~np.isfinite(image)
+    if bad.any():
+        y, x = np.argwhere(bad)[0]
+        raise UserError(f"{path}: {int(bad.sum())} pixel(s) are NaN or infinite (the first at x={x}, y={y}); "
+                        f"expected finite values (a micrograph with missing pixels cannot be normalised)")
+    if image.min() == image.max():
+        raise UserError(f"{path}: every pixel is {image.flat[0]:g} (a blank image); expected a micrograph with "
+                        f"contrast, which particles give")
     return image
 
 
@@ -231,8 +241,11 @@ def read_coordinates(path, micrograph=None):
     docstring); ``info`` is one line saying which columns were used. When the file names no
     micrograph, ``micrograph`` (if given) or the file's stem is used.
 
-    * STAR: the first block with ``rlnCoordinateX`` / ``rlnCoordinateY``; micrograph from
-      ``rlnMicrographName``, score from ``rlnAutopickFigureOfMerit`` when present.
+    * STAR: every data block with ``rlnCoordinateX`` / ``rlnCoordinateY`` (other blocks, such
+      as RELION's optics block, are skipped); micrograph from ``rlnMicrographName``, else, when
+      several blocks hold coordinates, from each block's name (RELION's one ``data_<micrograph>``
+      block per micrograph); score from ``rlnAutopickFigureOfMerit`` when present. Two blocks
+      with the same name are an error (a STAR reader would keep only one of them).
     * BOX (EMAN): whitespace columns ``x y width height [ignored...]`` where ``x, y`` is the
       box corner with the smallest x and y (EMAN's "lower left": its y axis points up, ours
       is the row index, and we do not flip); the centre is ``(x + width/2, y + height/2)``.
@@ -352,39 +365,68 @@ def _names(path, column, values):
     return names
 
 
+def _star_block_names(path):
+    """Names of the data blocks of a STAR file in file order (``data_x`` -> ``x``), from its text:
+    ``starfile`` returns a dict, which keeps only the last of two blocks with the same name."""
+    names = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            word = line.split("#", 1)[0].strip()
+            if word.startswith("data_"):
+                names.append(word[len("data_"):].split()[0] if word[len("data_"):].strip() else "")
+    return names
+
+
 def _read_star(path, micrograph):
+    """Every data block with rlnCoordinateX/Y (RELION writes one per micrograph in some layouts)."""
     try:
         blocks = starfile.read(path, always_dict=True, parse_as_string=["rlnMicrographName"])
     except Exception as exc:
         raise UserError(f"{path}: cannot be parsed as STAR ({_one_line(exc)})") from None
-    block = None
-    for candidate in blocks.values():
+    names = _star_block_names(path)
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UserError(f"{path}: data block 'data_{twice[0]}' appears {names.count(twice[0])} times; expected "
+                        f"one block per name (a STAR reader keeps only the last one, so particles would be lost)")
+    found = []
+    for name, candidate in blocks.items():
         if isinstance(candidate, dict):  # a single particle written as key-value pairs
             candidate = pd.DataFrame({k: [v] for k, v in candidate.items()})
         if {"rlnCoordinateX", "rlnCoordinateY"} <= set(candidate.columns):
-            block = candidate
-            break
-    if block is None:
+            found.append((str(name), candidate))
+    if not found:
         seen = sorted({str(c) for b in blocks.values() for c in (b.keys() if isinstance(b, dict) else b.columns)})
         raise UserError(f"{path}: no STAR data block with rlnCoordinateX and rlnCoordinateY; found columns "
                         f"{seen[:12] if seen else 'none'}; expected a particle or coordinate STAR file")
-    x = _numbers(path, "rlnCoordinateX", block["rlnCoordinateX"])
-    y = _numbers(path, "rlnCoordinateY", block["rlnCoordinateY"])
-    how = []
-    if "rlnMicrographName" in block.columns:
-        names = _names(path, "rlnMicrographName", block["rlnMicrographName"])
-        how.append("micrograph from 'rlnMicrographName'")
-    else:
-        names = micrograph if micrograph is not None else path.stem
-        how.append(f"micrograph '{names}' ({'given' if micrograph is not None else 'the file name'})")
-    how.append("x from 'rlnCoordinateX', y from 'rlnCoordinateY'")
-    score = None
-    if "rlnAutopickFigureOfMerit" in block.columns:
-        score = _numbers(path, "rlnAutopickFigureOfMerit", block["rlnAutopickFigureOfMerit"], allow_missing=True)
-        how.append("score from 'rlnAutopickFigureOfMerit'")
-    else:
-        how.append("no score column")
-    return _table(names, x, y, score), ", ".join(how)
+    several = len(found) > 1
+    tables, sources = [], []
+    for name, block in found:
+        where = f" (block data_{name})" if several else ""
+        x = _numbers(path, f"rlnCoordinateX{where}", block["rlnCoordinateX"])
+        y = _numbers(path, f"rlnCoordinateY{where}", block["rlnCoordinateY"])
+        if "rlnMicrographName" in block.columns:
+            mic = _names(path, f"rlnMicrographName{where}", block["rlnMicrographName"])
+            source = "micrograph from 'rlnMicrographName'"
+        elif several:  # one block per micrograph: the block is named after it
+            if not name:
+                raise UserError(f"{path}: {len(found)} data blocks hold coordinates, and one of them has neither a "
+                                f"name nor an rlnMicrographName column; expected data_<micrograph> blocks or that "
+                                f"column")
+            mic, source = name, "micrograph from each block's name (data_<micrograph>)"
+        else:
+            mic = micrograph if micrograph is not None else path.stem
+            source = f"micrograph '{mic}' ({'given' if micrograph is not None else 'the file name'})"
+        score = None
+        if "rlnAutopickFigureOfMerit" in block.columns:
+            score = _numbers(path, f"rlnAutopickFigureOfMerit{where}", block["rlnAutopickFigureOfMerit"],
+                             allow_missing=True)
+        tables.append(_table(mic, x, y, score))
+        for text in (source, "x from 'rlnCoordinateX', y from 'rlnCoordinateY'",
+                     "score from 'rlnAutopickFigureOfMerit'" if score is not None else "no score column"):
+            if text not in sources:
+                sources.append(text)
+    how = (f"{len(found)} data blocks, " if several else "") + ", ".join(sources)
+    return pd.concat(tables, ignore_index=True) if several else tables[0], how
 
 
 def _read_box(path, text, micrograph):

@@ -8,6 +8,7 @@ from urllib.parse import urlparse
 import torch
 import torchvision
 
+from utils.checkpoint import load_checkpoint
 from utils.errors import UserError
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -47,14 +48,10 @@ def load_imagenet_state_dict(arch, weights_file=None, weights_flag="--pretrained
     to turn pretraining off, in the caller's terms (the defaults are the ANA CLI's).
     """
     if weights_file is not None:
-        path = Path(weights_file)
-        if not path.is_file():
-            raise UserError(f"{weights_flag} {path} does not exist")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise UserError(f"{weights_flag} {path} cannot be read ({type(exc).__name__})") from None
-        return state.get("state_dict", state) if isinstance(state, dict) else state
+        # a ResNet state_dict (ImageNet's, or an ANA best-model file to start from); the other
+        # kinds of checkpoint (run states, CryoEM models, data) are named in the error
+        state = load_checkpoint(weights_file, expected=("imagenet", "ana-model"), flag=weights_flag)
+        return state.get("state_dict", state)
     weights = _imagenet_weights(arch)
     cached = _cached_weights_path(weights)
     if not cached.is_file() and not _can_reach(weights.url):

@@ -42,3 +42,37 @@ def ana_args(tiny_ana, tmp_path):
         return cpu_argv(tiny_ana, tmp_path / run, tmp_path / "cache", *extra)
 
     return make
+
+
+def expect_error_line(capsys, entry, argv, only=False):
+    """Run ``entry.main(argv)``: exit code 2, no traceback, one ``error: ...`` line, the last on
+    stderr (after any log lines; ``only``: stderr holds nothing else); return it."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        entry.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], err
+    assert not only or len(err.strip().splitlines()) == 1, err
+    return errors[0]
+
+
+@pytest.fixture
+def unwritable_dir(tmp_path):
+    """A folder in which this process cannot create a file (root ignores file modes: then /sys)."""
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        for candidate in (folder, Path("/sys/kernel")):
+            try:
+                (candidate / ".probe").touch()
+                (candidate / ".probe").unlink()
+            except OSError:
+                yield candidate
+                return
+        pytest.skip("no folder that this user cannot write to")
+    finally:
+        folder.chmod(0o755)

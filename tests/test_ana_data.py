@@ -130,3 +130,40 @@ def test_cache_dir_that_is_a_file_and_csv_that_is_a_directory(tmp_path):
         build_tile_cache(tiles, 16, csv)
     with pytest.raises(UserError, match="is a directory, expected a CSV file"):
         read_annotations(tmp_path / "img", 3)
+
+
+@pytest.mark.parametrize("mode, array, words", [
+    ("I;16", np.full((8, 8), 1000, np.uint16), "16-bit integer"),
+    ("F", np.full((8, 8), 0.5, np.float32), "32-bit float"),
+    ("I", np.full((8, 8), 70000, np.int32), "32-bit integer"),
+])
+def test_images_wider_than_8_bits_are_refused(tmp_path, mode, array, words):
+    Image.fromarray(array).save(tmp_path / "wide.tif")
+    with Image.open(tmp_path / "wide.tif") as im:
+        assert im.mode == mode
+    with pytest.raises(UserError, match=rf"wide.tif is a {words} image \(Pillow mode {mode}\); expected 8-bit grey "
+                                        rf"or RGB"):
+        ana._image_size(tmp_path / "wide.tif")
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "1", "LA"])
+def test_8_bit_images_of_any_mode_are_accepted(tmp_path, mode):
+    Image.new(mode, (12, 8)).save(tmp_path / "ok.png")
+    assert ana._image_size(tmp_path / "ok.png") == (12, 8)
+
+
+def test_split_overlap_is_found_by_resolved_path(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(b"")
+    (tmp_path / "link.png").symlink_to(tmp_path / "img" / "a.png")
+    train = pd.DataFrame({"path": ["a.png", "b.png", "b.png", "./b.png"]})
+    test = pd.DataFrame({"path": ["link.png", "c.png"]})
+    splits = [("train", train, tmp_path / "img", "ann.csv"), ("val", pd.DataFrame({"path": []}), tmp_path, "ann.csv"),
+              ("test", test, tmp_path, "test.csv")]
+    with pytest.raises(UserError, match=r"test.csv: 1 image\(s\) are in both train and test \(a.png\); .*"
+                                        r"--allowSplitOverlap"):
+        ana.check_split_overlap(splits)
+    notes = ana.check_split_overlap(splits, allow_overlap=True)
+    assert notes == ["warning: ann.csv train: 1 image(s) listed more than once (2 extra rows; b.png); "
+                     "each row counts as a separate image",
+                     "warning: test.csv: 1 image(s) are in both train and test (a.png); allowed by --allowSplitOverlap"]

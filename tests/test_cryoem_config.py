@@ -106,7 +106,7 @@ def test_cli_overrides_yaml(tmp_path):
     (dict(batch_size=0), "--batch-size: training.batch_size must be an integer >= 1, got 0"),
     (dict(epochs=0), "--epochs: training.epochs must be an integer >= 1, got 0"),
     (dict(num_workers=-1), "--num-workers: data.num_workers must be an integer >= 0, got -1"),
-    (dict(seed=-3), "--seed: training.seed must be an integer >= 0, got -3"),
+    (dict(seed=-3), "--seed: training.seed must be an integer in [0, 4294967295], got -3"),
     (dict(device="gpu"), "--device: training.device must be auto, cpu, mps, cuda or cuda:N, got 'gpu'"),
     (dict(data_dir=""), "--data-dir: data.data_dir must be a non-empty path string, got ''"),
 ])
@@ -214,7 +214,7 @@ BAD_VALUES = [
     ("training", "entropy_rampup_epochs", "2.5", "training.entropy_rampup_epochs must be an integer"),
     ("training", "grad_clip", "-1", "training.grad_clip must be a number >= 0, got -1"),
     ("training", "min_lr", "-1", "training.min_lr must be a number >= 0"),
-    ("training", "seed", "-1", "training.seed must be an integer >= 0"),
+    ("training", "seed", "-1", "training.seed must be an integer in [0, 4294967295]"),
     ("data", "val_fraction", "1.0", "data.val_fraction must be a number in [0, 1), got 1.0"),
     ("data", "test_fraction", "-0.1", "data.test_fraction must be a number in [0, 1)"),
     ("data", "num_workers", "-1", "data.num_workers must be an integer >= 0, got -1"),
@@ -401,3 +401,24 @@ def test_cli_result_round_trips(tmp_path):
                               cli(data_dir=tmp_path, epochs=2, device="cpu"))
     dump_config(cfg, tmp_path / "resolved.yaml")
     assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+FLOAT_KEYS = [("data", "val_fraction"), ("data", "test_fraction"), ("loss", "prior"),
+              ("loss", "consistency_threshold"), ("loss", "lambda_consistency"), ("loss", "lambda_entropy"),
+              ("loss", "nnpu_beta"), ("loss", "nnpu_gamma"), ("model", "ema_decay"), ("model", "dropout"),
+              ("training", "learning_rate"), ("training", "weight_decay"), ("training", "grad_clip"),
+              ("training", "min_lr")]
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+@pytest.mark.parametrize("section, key", FLOAT_KEYS, ids=[f"{s}.{k}" for s, k in FLOAT_KEYS])
+def test_every_float_key_refuses_non_finite_values(tmp_path, section, key, value):
+    path = write(tmp_path, f"{section}:\n  {key}: {value}\n")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}: {section}\.{key} must be a number"):
+        load_config(path)
+
+
+def test_the_float_key_list_is_complete():
+    from utils.cryoem_config import _CHECKS
+    floats = {(s, k) for s, checks in _CHECKS.items() for k, c in checks.items() if getattr(c, "kind", "") == "float"}
+    assert floats | {("loss", "prior")} == set(FLOAT_KEYS)

@@ -296,8 +296,9 @@ def test_resume_after_interruption_continues_exactly(full_run, tmp_path, monkeyp
         return original(*args, **kwargs)
 
     monkeypatch.setattr(trainer, "train_one_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as exc:  # Ctrl-C: one line and exit code 130 (test_robustness.py)
         entry.main(argv)
+    assert exc.value.code == 130
     monkeypatch.setattr(trainer, "train_one_epoch", original)
     run_dir = out / "B"
     assert _load(run_dir / "last.pt")["epoch"] == 1 and not (run_dir / "results.json").exists()

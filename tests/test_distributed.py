@@ -79,6 +79,8 @@ def test_two_gloo_processes_train_like_one(tmp_path):
     # only the main process wrote: one log, one event file, no second run directory
     assert len(list(two.glob("events.out.tfevents*"))) == 1
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["one", "two"]
+    # only the main process takes the run lock (a second taker would have been refused), released at the end
+    assert not (two / "run.lock").exists()
     # the same number of optimiser steps as one process (the global batch is the same)
     last1 = torch.load(one / "last.pt", weights_only=True)
     last2 = torch.load(two / "last.pt", weights_only=True)

@@ -105,9 +105,9 @@ def run_error(capsys, argv):
 
 @pytest.mark.parametrize("extra, message", [
     (["--radius", "5", "--micrographs", "m1", "zz.mrc"], r"^error: micrographs 'zz': not in the reference; expected .*'m1'$"),
-    (["--radius", "0"], r"^error: --radius 0.0: expected a positive number of pixels$"),
-    (["--radius", "nan"], r"^error: --radius nan: expected a positive number of pixels$"),
-    (["--radius", "5", "--threshold", "inf"], r"^error: --threshold inf: expected a finite score$"),
+    (["--radius", "0"], r"^error: argument --radius: expected a finite number > 0, got '0' \(see .* --help\)$"),
+    (["--radius", "nan"], r"^error: argument --radius: expected a finite number > 0, got 'nan'"),
+    (["--radius", "5", "--threshold", "inf"], r"^error: argument --threshold: expected a finite number, got 'inf'"),
 ])
 def test_bad_arguments(files, capsys, extra, message):
     picks, reference = files

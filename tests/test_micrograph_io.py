@@ -1,5 +1,6 @@
 """Micrograph images and coordinate files: formats, orientation, round trips, every bad input."""
 import logging
+import warnings
 
 import mrcfile
 import numpy as np
@@ -365,3 +366,72 @@ def test_micrograph_shape_reads_the_header_only(tmp_path):
         mrc.set_data(np.zeros((2, 4, 4), dtype=np.float32))
     with pytest.raises(UserError, match="2 sections"):
         micrograph_shape(tmp_path / "stack.mrc")
+
+
+# ----------------------------------------------------------------------------- images that hold no particles
+@pytest.mark.parametrize("value, message", [
+    (np.nan, r"1 pixel\(s\) are NaN or infinite \(the first at x=7, y=3\); expected finite values"),
+    (np.inf, r"1 pixel\(s\) are NaN or infinite \(the first at x=7, y=3\)"),
+    (-np.inf, r"1 pixel\(s\) are NaN or infinite")])
+def test_non_finite_pixels_are_refused(tmp_path, value, message):
+    a = marked(np.float32)
+    a[3, 7] = value
+    with warnings.catch_warnings(), mrcfile.new(tmp_path / "m.mrc") as mrc:
+        warnings.simplefilter("ignore", RuntimeWarning)  # mrcfile's header statistics of NaN/inf data
+        mrc.set_data(a)
+    with pytest.raises(UserError, match=r"m.mrc: " + message):
+        read_micrograph(tmp_path / "m.mrc")
+    Image.fromarray(a).save(tmp_path / "m.tif")  # a float TIFF
+    with pytest.raises(UserError, match=r"m.tif: "):
+        read_micrograph(tmp_path / "m.tif")
+
+
+@pytest.mark.parametrize("name, array", [("z.mrc", np.zeros((H, W), np.float32)),
+                                         ("c.png", np.full((H, W), 128, np.uint8))])
+def test_constant_images_are_refused(tmp_path, name, array):
+    if name.endswith(".mrc"):
+        with mrcfile.new(tmp_path / name) as mrc:
+            mrc.set_data(array)
+    else:
+        Image.fromarray(array).save(tmp_path / name)
+    with pytest.raises(UserError, match=rf"{name}: every pixel is {array.flat[0]:g} \(a blank image\); expected a "
+                                        rf"micrograph with contrast"):
+        read_micrograph(tmp_path / name)
+
+
+# ----------------------------------------------------------------------------- STAR with a block per micrograph
+def test_star_with_one_block_per_micrograph(tmp_path):
+    write_text(tmp_path / "per_mic.star",
+               "data_optics\n\nloop_\n_rlnOpticsGroup\n1\n\n"
+               "data_Falcon_1\n\nloop_\n_rlnCoordinateX #1\n_rlnCoordinateY #2\n10 20\n30 40\n\n"
+               "data_Falcon_2\n\nloop_\n_rlnCoordinateX #1\n_rlnCoordinateY #2\n50 60\n")
+    df, info = read_coordinates(tmp_path / "per_mic.star")
+    assert df["micrograph"].tolist() == ["Falcon_1", "Falcon_1", "Falcon_2"]
+    assert df["x"].tolist() == [10, 30, 50] and df["y"].tolist() == [20, 40, 60] and df["score"].isna().all()
+    assert "2 data blocks" in info and "micrograph from each block's name" in info
+
+
+def test_star_blocks_with_name_columns_and_scores(tmp_path):
+    block = ("data_{b}\n\nloop_\n_rlnMicrographName #1\n_rlnCoordinateX #2\n_rlnCoordinateY #3\n"
+             "_rlnAutopickFigureOfMerit #4\n{rows}\n")
+    write_text(tmp_path / "s.star", block.format(b="a", rows="mics/m1.mrc 1 2 0.9\nmics/m1.mrc 3 4 0.8") + "\n"
+               + block.format(b="b", rows="mics/m2.mrc 5 6 0.7"))
+    df, info = read_coordinates(tmp_path / "s.star")
+    assert df["micrograph"].tolist() == ["mics/m1.mrc", "mics/m1.mrc", "mics/m2.mrc"]
+    assert df["score"].tolist() == [0.9, 0.8, 0.7] and "micrograph from 'rlnMicrographName'" in info
+
+
+def test_star_blocks_that_cannot_be_told_apart_are_refused(tmp_path):
+    loop = "loop_\n_rlnCoordinateX #1\n_rlnCoordinateY #2\n{}\n"
+    write_text(tmp_path / "twice.star", "data_m1\n\n" + loop.format("1 2") + "\ndata_m1\n\n" + loop.format("3 4"))
+    with pytest.raises(UserError, match=r"twice.star: data block 'data_m1' appears 2 times; expected one block per "
+                                        r"name"):
+        read_coordinates(tmp_path / "twice.star")
+    write_text(tmp_path / "nameless.star", "data_m1\n\n" + loop.format("1 2") + "\ndata_\n\n" + loop.format("3 4"))
+    with pytest.raises(UserError, match=r"nameless.star: 2 data blocks hold coordinates, and one of them has "
+                                        r"neither a name nor an rlnMicrographName column"):
+        read_coordinates(tmp_path / "nameless.star")
+    write_text(tmp_path / "bad.star", "data_m1\n\n" + loop.format("1 2") + "\ndata_m2\n\n" + loop.format("x 4"))
+    with pytest.raises(UserError, match=r"bad.star: column 'rlnCoordinateX \(block data_m2\)' has the value 'x' "
+                                        r"in data row 1"):
+        read_coordinates(tmp_path / "bad.star")

@@ -118,8 +118,8 @@ def test_dense_and_crop_maps_agree(pipeline):
 
 @pytest.mark.parametrize("extra, message", [
     (["--stride", "12"], "--stride 12 with patch size 96"),
-    (["--threshold", "1.5"], "--threshold is 1.5"),
-    (["--min-distance", "0"], "--min-distance is 0.0"),
+    (["--threshold", "1.5"], "argument --threshold: expected a finite number in [0, 1], got '1.5'"),
+    (["--min-distance", "0"], "argument --min-distance: expected a finite number > 0, got '0'"),
 ])
 def test_bad_flags(pipeline, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exc:
@@ -142,7 +142,8 @@ def test_bad_checkpoint_and_micrograph(pipeline, tmp_path, capsys):
     with pytest.raises(SystemExit):
         pick_particles.main(["--checkpoint", str(tmp_path / "other.pt"), "--micrographs", str(pipeline["test_mic"]),
                              "--output-dir", str(tmp_path / "p")])
-    assert "missing key(s) backbone, patch_size" in capsys.readouterr().err
+    assert "other.pt is a checkpoint of unknown kind (keys: model); expected a CryoEM best model" in \
+        capsys.readouterr().err
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG broken")
     with pytest.raises(SystemExit):

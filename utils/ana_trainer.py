@@ -6,12 +6,14 @@ train / validate (tiles) / test (bags, on each new best) -> output files.
 """
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from datasets.ana import CachedTileDataset, build_tile_cache, build_tileset, describe, read_annotations
+from datasets.ana import (CachedTileDataset, build_tile_cache, build_tileset, check_split_overlap, describe,
+                          read_annotations, tile_cache_key)
 from datasets.samplers import InstanceSampler, sampling_entropy
 from models.backbones import RESNETS, build_resnet_classifier
 from models.pseudo_labels import TRAINING_LABELS
@@ -21,31 +23,47 @@ from utils.distributed import (DistInfo, barrier, broadcast_object, cleanup_dist
                                mean_over_processes, replicas_in_sync, wrap_ddp)
 from utils.fast_path import make_precision, maybe_compile, memory_format
 from utils.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from utils.checks import SEED_MAX, check_output_dir, float_arg, int_arg, range_problem
 from utils.device import resolve_device
 from utils.early_stopping import EarlyStopping
 from utils.errors import UserError
 from utils.logger import NullSummaryWriter, close_run_logger, git_revision, make_summary_writer, setup_run_logger
 from utils.figures import confusion_matrix_image
+from utils.interrupt import interruption, rerun_command
 from utils.metrics import best_improved, format_metrics, multilabel_metrics, singlelabel_metrics
 from utils.results import ResultsFile
+from utils.run_lock import RunLock
 from utils.seed import rng_state, seed_everything, seed_worker, set_rng_state
 
 # val metric key -> checkpoint file suffix of the seed README ({epoch}_f1mi.pt, ...)
 BEST_METRICS = {"f1_mi": "f1mi", "f1_ma": "f1ma", "acc_total": "acc", "mAP": "mAP"}
+# The range of every numeric flag: the argparse type (checked at parse time) and, for the
+# defaults that come from the config module, _check_args.
+ARG_TYPES = {
+    "lr": float_arg(0, low_open=True), "weight_lr": float_arg(0), "weightDecay": float_arg(0),
+    "epoch": int_arg(1), "trainBatchSize": int_arg(1), "testBatchSize": int_arg(1), "patience": int_arg(0),
+    "resampleEvery": int_arg(1), "numClasses": int_arg(0),
+    "imageSize": int_arg(32),  # the ResNet downsamples by 32
+    "tileSize": int_arg(1), "numWorkers": int_arg(0), "seed": int_arg(0, SEED_MAX),
+}
 
 
 def add_arguments(parser, cfg):
     """Declare every flag of the seed README plus ours; defaults come from ``cfg``."""
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=cfg.LR, help="network learning rate (default: %(default)s)")
-    g.add_argument("--weight_lr", type=float, default=cfg.WEIGHT_LR,
+    g.add_argument("--lr", type=ARG_TYPES["lr"], default=cfg.LR,
+                   help="network learning rate (default: %(default)s)")
+    g.add_argument("--weight_lr", type=ARG_TYPES["weight_lr"], default=cfg.WEIGHT_LR,
                    help="learning rate of the instance weights (default: %(default)s; None = the network's --lr)")
-    g.add_argument("--epoch", type=int, default=cfg.EPOCHS, help="maximum number of epochs (default: %(default)s)")
-    g.add_argument("--trainBatchSize", type=int, default=cfg.TRAIN_BATCH_SIZE, help="training batch size (default: %(default)s)")
-    g.add_argument("--testBatchSize", type=int, default=cfg.TEST_BATCH_SIZE, help="evaluation batch size (default: %(default)s)")
-    g.add_argument("--weightDecay", type=float, default=cfg.WEIGHT_DECAY,
+    g.add_argument("--epoch", type=ARG_TYPES["epoch"], default=cfg.EPOCHS,
+                   help="maximum number of epochs (default: %(default)s)")
+    g.add_argument("--trainBatchSize", type=ARG_TYPES["trainBatchSize"], default=cfg.TRAIN_BATCH_SIZE,
+                   help="training batch size (default: %(default)s)")
+    g.add_argument("--testBatchSize", type=ARG_TYPES["testBatchSize"], default=cfg.TEST_BATCH_SIZE,
+                   help="evaluation batch size (default: %(default)s)")
+    g.add_argument("--weightDecay", type=ARG_TYPES["weightDecay"], default=cfg.WEIGHT_DECAY,
                    help="Adam L2 weight decay, network and instance weights (default: %(default)s)")
-    g.add_argument("--patience", type=int, default=cfg.PATIENCE,
+    g.add_argument("--patience", type=ARG_TYPES["patience"], default=cfg.PATIENCE,
                    help="early stopping: epochs without any val metric improving (0 = off; default: %(default)s)")
     g.add_argument("--resetOptimizer", action="store_true",
                    help="reset the network's Adam state whenever the weights' Adam restarts (after every epoch of "
@@ -65,7 +83,7 @@ def add_arguments(parser, cfg):
                         "main_single.py) (default: %(default)s)")
     g.add_argument("--sampling", action=argparse.BooleanOptionalAction, default=cfg.SAMPLING,
                    help="draw tiles by their weights instead of shuffling (default: %(default)s)")
-    g.add_argument("--resampleEvery", type=int, default=cfg.RESAMPLE_EVERY,
+    g.add_argument("--resampleEvery", type=ARG_TYPES["resampleEvery"], default=cfg.RESAMPLE_EVERY,
                    help="epochs between recomputing the sampler's probabilities from the weights, on epochs "
                         "1, 1 + N, ... (the reference main_single.py rebuilt its sampler on odd epochs; "
                         "default: %(default)s)")
@@ -78,23 +96,28 @@ def add_arguments(parser, cfg):
     g.add_argument("--imageDir", default=None, help="image directory for all splits (default: DIR_TRAIN/TEST_IMAGES of the config)")
     g.add_argument("--bagColumn", default=cfg.BAG_COLUMN,
                    help="pre-tiled CSV: column naming each tile's bag (default: none, whole images are tiled)")
-    g.add_argument("--numClasses", type=int, default=cfg.NUM_CATEGORIES,
+    g.add_argument("--numClasses", type=ARG_TYPES["numClasses"], default=cfg.NUM_CATEGORIES,
                    help="number of classes (default: %(default)s; 0 = infer from the CSV)")
     g.add_argument("--arch", choices=RESNETS, default=cfg.ARCH, help="backbone (default: %(default)s)")
-    g.add_argument("--imageSize", type=int, default=cfg.N, help="tiles are resized to N x N (default: %(default)s)")
-    g.add_argument("--tileSize", type=int, default=cfg.TILE_SIZE, help="tile side in source pixels (default: %(default)s)")
+    g.add_argument("--imageSize", type=ARG_TYPES["imageSize"], default=cfg.N,
+                   help="tiles are resized to N x N, N >= 32 (default: %(default)s)")
+    g.add_argument("--tileSize", type=ARG_TYPES["tileSize"], default=cfg.TILE_SIZE,
+                   help="tile side in source pixels (default: %(default)s)")
     g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                    help="start from ImageNet weights: --pretrainedWeights, else the torch hub cache, else a download "
                         "(default: on; an offline machine needs --no-pretrained)")
     g.add_argument("--pretrainedWeights", default=None, help="local ImageNet weight file for --pretrained")
+    g.add_argument("--allowSplitOverlap", action="store_true",
+                   help="train even when an image is in more than one split (default: off, such a leak is an error)")
     g = parser.add_argument_group("run")
     g.add_argument("--saveModel", action="store_true", help="save the best model per metric (default: off)")
     g.add_argument("--loadModel", action="store_true", help="resume from last.pt in --pathModelParams (default: off)")
     g.add_argument("--pathModelParams", default=None,
                    help=f"run directory (default: {cfg.PATH_MODEL_ROOT}/<name built from the hyperparameters>)")
     g.add_argument("--cacheDir", default=cfg.CACHE_DIR, help="where decoded tiles are cached (default: %(default)s)")
-    g.add_argument("--numWorkers", type=int, default=2, help="DataLoader worker processes (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=42, help="random seed (default: %(default)s)")
+    g.add_argument("--numWorkers", type=ARG_TYPES["numWorkers"], default=2,
+                   help="DataLoader worker processes (default: %(default)s)")
+    g.add_argument("--seed", type=ARG_TYPES["seed"], default=42, help="random seed (default: %(default)s)")
     g.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on GPU; default: off)")
     g = parser.add_argument_group("GPU fast path (no effect on the CPU)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
@@ -132,14 +155,14 @@ def _describe_weights(weights, args):
             f"{'count' if args.weightGroups == 'count' else 'set'}, learning rates {rates}{source}")
 
 
-def _check_args(args):
-    for name in ("lr", "weight_lr", "weightDecay", "numWorkers", "numClasses", "patience"):
+def _check_args(args, cfg):
+    """The ranges of ARG_TYPES for values that did not pass through argparse (the config's defaults),
+    and flag combinations that cannot work."""
+    for name, arg_type in ARG_TYPES.items():
         value = getattr(args, name)
-        if value is not None and value < 0:
-            raise UserError(f"--{name} {value} must be >= 0")
-    for name in ("epoch", "trainBatchSize", "testBatchSize", "imageSize", "tileSize", "resampleEvery"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} {getattr(args, name)} must be >= 1")
+        problem = None if value is None else range_problem(value, **arg_type.bounds)
+        if problem:
+            raise UserError(f"--{name} (default from {cfg.__name__}.py): {problem}")
     if args.updateLR == "ulr-adaptive" and args.weightGroups == "one":
         raise UserError("--updateLR ulr-adaptive sets a learning rate per group of tiles with the same labels; "
                         "with --weightGroups one there is one group: use --weightGroups count or combination")
@@ -179,8 +202,12 @@ def load_splits(args, cfg):
             df_test, test_notes = _keep_single_label(df_test, ann_test)
             notes = notes[:2] + test_notes[2:]
     tiles = {}
-    for split, df, image_dir, csv in (("train", df_train, dir_train, ann_train), ("val", df_train, dir_train, ann_train),
-                                      ("test", df_test, dir_test, ann_test)):
+    splits = (("train", df_train, dir_train, ann_train), ("val", df_train, dir_train, ann_train),
+              ("test", df_test, dir_test, ann_test))
+    notes += check_split_overlap([(split, df[df["Split"] == split], image_dir, csv)
+                                  for split, df, image_dir, csv in splits],
+                                 allow_overlap=getattr(args, "allowSplitOverlap", False))
+    for split, df, image_dir, csv in splits:
         tiles[split] = build_tileset(df, split, image_dir, num_classes, args.tileSize, args.bagColumn, csv,
                                      what="single-label rows" if cfg.SINGLE_LABEL else "rows")
     return tiles, num_classes, notes
@@ -214,21 +241,32 @@ def _log_scalars(writer, prefix, values, step):
             writer.add_scalar(f"{prefix}/{key}", value, step)
 
 
-def run(args, cfg):
-    """Train (or resume) one run; return ``{"best": ..., "val": ..., "test": ...}`` metrics."""
-    _check_args(args)
+def run(args, cfg, command=None):
+    """Train (or resume) one run; return ``{"best": ..., "val": ..., "test": ...}`` metrics.
+
+    ``command`` is the shell command that resumes the run, for the Ctrl-C message (default:
+    this process's command line plus ``--loadModel``).
+    """
+    _check_args(args, cfg)
+    run_dir = Path(args.pathModelParams) if args.pathModelParams else default_run_name(args, cfg)
+    check_output_dir(run_dir, "--pathModelParams")
+    lock = RunLock(run_dir, hint="or choose another --pathModelParams")
+    lock.check()  # another run in this directory: refuse before the slow start-up
     device = resolve_device(args.device)
     tiles, num_classes, notes = load_splits(args, cfg)
-    run_dir = Path(args.pathModelParams) if args.pathModelParams else default_run_name(args, cfg)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--pathModelParams {run_dir} is a file, expected a run directory")
+    # the tile cache is written only when a split's file is missing (a complete read-only cache is fine)
+    if not all((Path(args.cacheDir) / tile_cache_key(ts, args.imageSize)).is_file() for ts in tiles.values()):
+        check_output_dir(args.cacheDir, "--cacheDir")
     last_path = run_dir / "last.pt"
     started = last_path.is_file() or (run_dir / "results.json").is_file()
-    if args.loadModel and not started:
+    attempted = started or (run_dir / "args.json").is_file() or (run_dir / "output.txt").is_file()
+    if args.loadModel and not attempted:
         raise UserError(f"--loadModel: {last_path} does not exist (nothing to resume; drop --loadModel to start a new run)")
     if not args.loadModel and started:
         raise UserError(f"run directory {run_dir} already holds a run; pass --loadModel to resume it "
                         f"or choose another --pathModelParams")
+    if args.loadModel and last_path.is_file():  # the other family's last.pt, a data file, ...: say so now
+        load_checkpoint(last_path, expected=("ana-run",), flag="--loadModel", mmap=True)
     # the model (and its pretrained weights) before anything is written: fail fast
     seed_everything(args.seed, args.deterministic)
     model = build_resnet_classifier(args.arch, num_classes, args.pretrained, args.pretrainedWeights)
@@ -240,11 +278,18 @@ def run(args, cfg):
     barrier(info)  # every process has checked the run directory before the main one writes to it
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire()  # held until the run ends (only by the main process)
+        except UserError:
+            cleanup_distributed(info)
+            raise
         logger = setup_run_logger(str(run_dir.resolve()), run_dir / "output.txt")
     else:  # the other processes write nothing
         logger = setup_run_logger(f"{run_dir.resolve()}#rank{info.rank}", None, console=False)
     writer = None
     try:
+        if info.is_main:
+            lock.tidy(logger)
         writer = make_summary_writer(run_dir) if info.is_main else NullSummaryWriter()
         for note in notes:
             logger.info(note)
@@ -252,10 +297,15 @@ def run(args, cfg):
     except UserError as exc:
         logger.error("error: " + " ".join(str(exc).split()), extra={"file_only": True})
         raise
+    except KeyboardInterrupt:
+        stop = interruption(last_path, args.epoch, command or rerun_command(sys.argv[0], add=("--loadModel",)))
+        logger.error(f"interrupted: {stop}", extra={"file_only": True})
+        raise stop from None
     finally:
         if writer is not None:
             writer.close()
         close_run_logger(logger)
+        lock.release()
         cleanup_distributed(info)
 
 
@@ -271,7 +321,8 @@ def _train(args, cfg, device, model, tiles, num_classes, run_dir, logger, writer
     logger.info(f"git {git_revision()} | device {device} | torch {torch.__version__}"
                 + (f" | {info.world_size} processes (DistributedDataParallel)" if info.enabled else ""))
     logger.info("args " + json.dumps(dict(sorted(vars(args).items())), default=str))
-    if not args.loadModel and info.is_main:  # a resume keeps the original run's arguments (output.txt logs the new ones)
+    # a resume keeps the original run's arguments (output.txt logs the new ones)
+    if (not args.loadModel or not (run_dir / "args.json").is_file()) and info.is_main:
         atomic_write(run_dir / "args.json", lambda f: json.dump(vars(args), f, indent=2, default=str), mode="w")
     for split, ts in tiles.items():
         logger.info(f"{split}: {describe(ts)}")

@@ -23,6 +23,7 @@ from types import MappingProxyType
 import yaml
 
 from utils.checkpoint import atomic_write
+from utils.checks import SEED_MAX
 from utils.errors import UserError
 
 BACKBONES = ("resnet18", "resnet34", "resnet50")
@@ -160,11 +161,11 @@ def _number(low=None, high=None, low_open=False, high_open=False):
     return check
 
 
-def _integer(low):
+def _integer(low, high=None):
     def check(value):
-        if _is_int(value) and value >= low:
+        if _is_int(value) and value >= low and (high is None or value <= high):
             return None
-        return f"must be an integer >= {low}, got {_show(value)}"
+        return f"must be an integer {f'in [{low}, {high}]' if high is not None else f'>= {low}'}, got {_show(value)}"
 
     check.kind = "int"
     return check
@@ -249,7 +250,7 @@ _CHECKS = MappingProxyType({
         "grad_clip": _number(0),
         "early_stopping_patience": _integer(0),
         "min_lr": _number(0),
-        "seed": _integer(0),
+        "seed": _integer(0, SEED_MAX),
         "device": _device,
         "amp": _boolean,
         "channels_last": _boolean,

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ import torch
 from datasets.cryoem_dataset_pu import PUBatchSampler, load_pu_data
 from models.fixmatch_pu import EMATeacher, FixMatchPUModel, unwrap_model
 from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.checks import check_output_dir
 from utils.cryoem_config import dump_config
 from utils.cryoem_engine import StepParams, evaluate, train_one_epoch
 from utils.device import resolve_device
@@ -36,9 +38,11 @@ from utils.distributed import (DistInfo, barrier, broadcast_object, cleanup_dist
                                mean_over_processes, replicas_in_sync, wrap_ddp)
 from utils.errors import UserError
 from utils.fast_path import configure_backends, make_precision, maybe_compile, memory_format
+from utils.interrupt import interruption, rerun_command
 from utils.logger import NullSummaryWriter, close_run_logger, git_revision, make_summary_writer, setup_run_logger
 from utils.metrics import binary_metrics
 from utils.results import to_json_safe, write_json
+from utils.run_lock import RunLock
 from utils.seed import rng_state, seed_everything, seed_worker, set_rng_state
 
 # Config keys a resumed run may change; any other difference from last.pt's config is refused
@@ -191,19 +195,22 @@ def data_counts(data, prior):
 def run(cfg, args):
     """Train (or resume, or finish) the run ``<args.output_dir>/<args.exp_name>``; return results.json's dict
     plus ``run_dir``. ``cfg`` is a validated, resolved config; ``args`` needs ``exp_name``,
-    ``output_dir`` and ``resume``."""
+    ``output_dir`` and ``resume`` (and may give ``command``, the shell command that resumes the run,
+    for the Ctrl-C message)."""
     run_dir = Path(args.output_dir) / args.exp_name
     last_path = run_dir / "last.pt"
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} is a file; choose another --exp-name or --output-dir")
-    if args.resume and not last_path.is_file():
+    check_output_dir(run_dir, "run directory (--output-dir/--exp-name)")
+    RunLock(run_dir).check()  # another run in this directory: refuse before the slow start-up
+    # a run killed in its first epoch left its config and log but no last.pt: --resume starts it afresh
+    attempted = (run_dir / "config.yaml").is_file() or (run_dir / "train.log").is_file()
+    if args.resume and not last_path.is_file() and not attempted:
         raise UserError(f"--resume: {last_path} does not exist (nothing to resume; drop --resume to start a new run)")
     if not args.resume and last_path.is_file():
         raise UserError(f"run directory {run_dir} already holds a run ({last_path.name}); pass --resume to continue "
                         f"it or choose another --exp-name")
     state = None
-    if args.resume:
-        state = load_checkpoint(last_path)
+    if args.resume and last_path.is_file():
+        state = load_checkpoint(last_path, expected=("cryoem-run",), flag="--resume:")
         missing = [k for k in LAST_KEYS if k not in state]
         if missing:
             raise UserError(f"{last_path} is not a checkpoint of this trainer (missing {', '.join(missing)})")
@@ -249,14 +256,21 @@ def _run(cfg, args, state, run_dir, device, info):
     # every input is checked (by every process: none starts writing before all have looked at
     # the run directory): from here on the main process writes the run directory
     barrier(info)
+    lock = RunLock(run_dir, hint="or choose another --exp-name")
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire()  # held until the run ends (only by the main process)
         logger = setup_run_logger(str(run_dir.resolve()), run_dir / "train.log")
     else:  # the other processes log nothing
         logger = setup_run_logger(f"{run_dir.resolve()}#rank{info.rank}", None, console=False)
     try:
         logger.info(f"git {git_revision()} | device {device} | torch {torch.__version__}"
                     + (f" | {info.world_size} processes (DistributedDataParallel)" if info.enabled else ""))
+        if info.is_main:
+            lock.tidy(logger)
+        if args.resume and state is None:
+            logger.info(f"--resume: no last.pt in {run_dir}: the previous attempt stopped before its first epoch "
+                        f"ended; starting afresh at epoch 1")
         logger.info("config " + json.dumps(cfg, sort_keys=False))
         for record in buffer.records:
             logger.handle(record)
@@ -267,8 +281,14 @@ def _run(cfg, args, state, run_dir, device, info):
     except UserError as exc:
         logger.error("error: " + " ".join(str(exc).split()), extra={"file_only": True})
         raise
+    except KeyboardInterrupt:
+        command = getattr(args, "command", None) or rerun_command(sys.argv[0], add=("--resume",))
+        stop = interruption(run_dir / "last.pt", cfg["training"]["epochs"], command)
+        logger.error(f"interrupted: {stop}", extra={"file_only": True})
+        raise stop from None
     finally:
         close_run_logger(logger)
+        lock.release()
 
 
 class _LazyWriter:

@@ -1,4 +1,5 @@
 """User-facing errors: bad input ends a run with one line, a non-zero exit and no traceback."""
+import argparse
 import functools
 import sys
 
@@ -9,11 +10,22 @@ class UserError(Exception):
     """An error in the user's input (file, column, key or value), reported in one line."""
 
 
-def exit_on_user_error(func):
-    """Decorate an entry point so a :class:`UserError` prints ``error: ...`` and exits with 2.
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line too: ``error: argument --lr: ... (see main.py --help)``
+    and exit code 2, without the usage block."""
 
-    Anything else is a bug and keeps its traceback.
+    def error(self, message):
+        self.exit(EXIT_USER_ERROR, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def exit_on_user_error(func):
+    """Decorate an entry point ``main(argv=None)`` so that its run ends in one line.
+
+    A :class:`UserError` prints ``error: ...`` and exits with 2; Ctrl-C prints ``interrupted: ...``
+    (a run's own :class:`~utils.interrupt.Interrupted` message, or the command that runs it again)
+    and exits with 130. Anything else is a bug and keeps its traceback.
     """
+    from utils.interrupt import EXIT_INTERRUPTED, Interrupted, rerun_command
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -23,5 +35,13 @@ def exit_on_user_error(func):
             message = " ".join(str(exc).split())  # one line, even when a library's text had newlines
             print(f"error: {message}", file=sys.stderr)
             raise SystemExit(EXIT_USER_ERROR) from None
+        except Interrupted as exc:
+            print(f"interrupted: {exc}", file=sys.stderr)
+            raise SystemExit(EXIT_INTERRUPTED) from None
+        except KeyboardInterrupt:
+            argv = kwargs.get("argv", args[0] if args else None)
+            script = getattr(sys.modules.get(func.__module__), "__file__", None) or sys.argv[0]
+            print(f"interrupted: stopped by Ctrl-C; to run it again: {rerun_command(script, argv)}", file=sys.stderr)
+            raise SystemExit(EXIT_INTERRUPTED) from None
 
     return wrapper

@@ -16,7 +16,8 @@ import pandas as pd
 import torch
 from PIL import Image, ImageDraw
 
-from datasets.cryoem_preprocess import NORMALIZATIONS, prepare_micrograph, to_original
+from datasets.cryoem_preprocess import NORMALIZATIONS, downsampled_shape, prepare_micrograph, to_original
+from datasets.micrographs import read_micrograph
 from models.dense import check_geometry, probability_map
 from models.fixmatch_pu import FixMatchPUModel
 from utils.checkpoint import load_checkpoint
@@ -42,15 +43,8 @@ def load_picker(path, device, which="model"):
 
     ``which``: ``"model"`` (the EMA teacher, evaluated during training) or ``"student"``.
     """
-    try:
-        ckpt = load_checkpoint(path, map_location="cpu")
-    except UserError:
-        raise
-    except FileNotFoundError:
-        raise UserError(f"{path}: checkpoint not found") from None
-    except Exception as exc:  # not a torch file, or not loadable with weights_only
-        raise UserError(f"{path}: not a readable checkpoint ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    # an ANA file, a CryoEM last.pt (no data metadata), training data, ...: say what it is
+    ckpt = load_checkpoint(path, map_location="cpu", expected=("cryoem-best",), flag="--checkpoint")
     missing = [k for k in (which, "backbone", "patch_size") if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise UserError(f"{path}: missing key(s) {', '.join(missing)}; expected a best_model.pt written by "
@@ -96,6 +90,21 @@ def resolve_settings(ckpt, path, threshold, min_distance=None, downsample=None, 
     return PickSettings(threshold=float(threshold), min_distance=float(min_distance), downsample=float(downsample),
                         normalization=normalization, patch_size=patch_size, stride=int(stride), mode=mode,
                         batch_size=int(batch_size))
+
+
+def check_micrographs(paths, settings, context=0):
+    """Read every micrograph once before anything is written; a :class:`UserError` names the first
+    that cannot be picked: unreadable, NaN/infinite or constant pixels (see
+    :func:`datasets.micrographs.read_micrograph`), or smaller than the model's classified window
+    (``patch_size - 2 * context`` px) after downsampling, as preprocess_cryoem.py refuses it."""
+    window = settings.patch_size - 2 * int(context)
+    for path in paths:
+        H, W = read_micrograph(path).shape
+        h, w = downsampled_shape((H, W), settings.downsample)
+        if h < window or w < window:
+            raise UserError(f"{path}: {W}x{H} px, {w}x{h} after downsampling by {settings.downsample:g}, is smaller "
+                            f"than the model's {window} px window; expected at least {window} px per side after "
+                            f"downsampling")
 
 
 def _sync(device):
