@@ -486,17 +486,18 @@ def test_cryoem_takes_over_a_stale_lock_and_says_so(cryo, tmp_path):
 
 # ------------------------------------------------------------------------------ 10. Ctrl-C
 
-def _interrupt_in_epoch(monkeypatch, module, epoch):
-    original = module.train_one_epoch
+def _interrupt_in_epoch(monkeypatch, module, epoch, name="train_one_epoch"):
+    """Make ``module.<name>`` (the run's per-epoch call) raise KeyboardInterrupt in epoch ``epoch``."""
+    original = getattr(module, name)
     calls = []
 
-    def train_one_epoch(*args, **kwargs):
+    def interrupted(*args, **kwargs):
         calls.append(1)
         if len(calls) == epoch:
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(module, "train_one_epoch", train_one_epoch)
+    monkeypatch.setattr(module, name, interrupted)
     return original
 
 
@@ -526,7 +527,7 @@ def _resume_argv(line, script):
 
 def test_ctrl_c_in_ana_says_where_and_how_to_resume(ana_args, tmp_path, capsys, monkeypatch):
     argv = ana_args("--epoch", "2")
-    original = _interrupt_in_epoch(monkeypatch, ana_trainer, 2)
+    original = _interrupt_in_epoch(monkeypatch, ana_trainer, 2, name="train_epoch")
     line = _interrupted_line(capsys, main, argv)
     last = tmp_path / "run" / "last.pt"
     assert f"after epoch 1 of 2 (saved in {last}); to resume: " in line, line
@@ -534,7 +535,7 @@ def test_ctrl_c_in_ana_says_where_and_how_to_resume(ana_args, tmp_path, capsys, 
     assert not (tmp_path / "run" / LOCK_NAME).exists()
     resume = _resume_argv(line, "main.py")
     assert resume == argv + ["--loadModel"]
-    monkeypatch.setattr(ana_trainer, "train_one_epoch", original)
+    monkeypatch.setattr(ana_trainer, "train_epoch", original)
     result = main.main(resume)
     assert torch.load(last, weights_only=True)["epoch"] == 2 and result["best"]
 
@@ -582,8 +583,11 @@ def test_a_real_sigint_ends_main_py_in_one_line(tiny_ana, tmp_path):
     argv = cpu_argv(tiny_ana, run_dir, tmp_path / "cache", "--epoch", "500", "--patience", "0")
     argv[argv.index("--numWorkers") + 1] = "2"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # SIGINT as a terminal delivers it, also when pytest itself runs as a background job (whose
+    # children start with SIGINT ignored, and then Python installs no KeyboardInterrupt handler)
     proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *argv], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 240
         while not (run_dir / "last.pt").exists():  # an epoch is saved: the run is in its epoch loop
