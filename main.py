@@ -6,7 +6,7 @@
 Defaults come from config.py; every flag overrides them. See README.md.
 """
 import config
-from utils.ana_trainer import add_arguments, run
+from utils.ana.train import add_arguments, run
 from utils.errors import ArgumentParser, exit_on_user_error
 from utils.interrupt import rerun_command
 

@@ -2,13 +2,13 @@
 
     python main_single.py --saveModel --lr 1e-3
 
-Same method, flags, outputs and resume as main.py (the shared code in utils/ana_trainer.py);
+Same method, flags, outputs and resume as main.py (the shared code in utils/ana/train.py);
 defaults come from config_single.py, which keeps only images with exactly one label and sets
 the reference main_single.py's specifics (pseudo-label targets, sampler refreshed every
 second epoch). Adds top-1 accuracy and a confusion matrix (confusion_matrix.csv, TensorBoard).
 """
 import config_single
-from utils.ana_trainer import add_arguments, run
+from utils.ana.train import add_arguments, run
 from utils.errors import ArgumentParser, exit_on_user_error
 from utils.interrupt import rerun_command
 

@@ -4,14 +4,14 @@
     python benchmarks/bench_ana.py --device cuda         # GPU: resnet50 on 224 px tiles (the paper's setting)
 
 In one process, on the same generated data (``datasets.synthetic_ana``), the same model object,
-the same DataLoader settings (``utils.ana_trainer._loader``: cached tiles, workers, pinned memory
+the same DataLoader settings (``utils.ana.train._loader``: cached tiles, workers, pinned memory
 on CUDA, persistent workers), the same batch size and main.py's fast path for both (``--amp``:
 bf16 autocast, or fp16 + GradScaler, on a GPU; ``--channels-last``; cuDNN autotuning; all of them
 no-ops on the CPU, where main.py trains in float32), it times:
 
 - **ANA method**: main.py's full model (``--initWeight iw-sample --updateLR ulr-adaptive
   --granularity label --sampling --trainingLabel pseudo``), run by the trainer's own epoch
-  function ``utils.ana_engine.train_epoch``: the weighted instance sampler recomputed every
+  function ``utils.ana.epoch.train_epoch``: the weighted instance sampler recomputed every
   epoch, ``train_one_epoch`` (pseudo-labels, weighted BCE, the network's Adam and the
   instance weights' per-group Adam over all rows of the groups in the batch), and the
   ``ulr-adaptive`` regrouping after the epoch;
@@ -59,8 +59,8 @@ from datasets.synthetic_ana import generate_ana_demo
 from main import build_parser as build_main_parser
 from models.backbones import RESNETS, build_resnet_classifier
 from models.sample_weights import InstanceWeights, init_weights
-from utils.ana_engine import BatchPreprocessor, EpochSetup, bag_max, predict, train_epoch
-from utils.ana_trainer import _loader, load_splits, weight_lr
+from utils.ana.epoch import BatchPreprocessor, EpochSetup, bag_max, predict, train_epoch
+from utils.ana.train import _loader, load_splits, weight_lr
 from utils.device import resolve_device
 from utils.errors import exit_on_user_error
 from utils.fast_path import configure_backends, make_precision, memory_format
@@ -303,7 +303,7 @@ def measure(args, arch, image_size, batch_size, n_train, device, tmp):
     caches = {split: build_tile_cache(tiles[split], image_size, tmp / "cache", args.num_workers, desc=split)
               for split in ("train", "test")}
 
-    # main.py's fast path (utils/ana_trainer.py), the same for both paths: precision, memory format
+    # main.py's fast path (utils/ana/train.py), the same for both paths: precision, memory format
     fast = {"precision": make_precision(device, args.amp), "memory_format": memory_format(device, args.channels_last)}
     configure_backends(device)
     model = build_resnet_classifier(arch, num_classes).to(device, memory_format=fast["memory_format"])

@@ -9,7 +9,7 @@ from PIL import Image
 
 import datasets.ana as ana
 from datasets.ana import CachedTileDataset, build_tile_cache, build_tileset, read_annotations
-from utils.ana_engine import bag_max
+from utils.ana.epoch import bag_max
 from utils.early_stopping import EarlyStopping
 from utils.errors import UserError
 from utils.results import ResultsFile

@@ -33,7 +33,7 @@ from PIL import Image
 import config
 import main
 from conftest import cpu_argv
-from utils.ana_trainer import load_splits
+from utils.ana.train import load_splits
 from utils.metrics import multilabel_metrics
 
 # The full model of the paper. A small network lr keeps the tiny network's probabilities away

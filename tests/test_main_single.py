@@ -24,7 +24,7 @@ import config_single
 import main
 import main_single
 from conftest import cpu_argv
-from utils.ana_trainer import load_splits
+from utils.ana.train import load_splits
 from utils.metrics import singlelabel_metrics
 
 NUM_CLASSES = 4  # the tiny dataset of conftest.py
@@ -312,7 +312,7 @@ def test_sampler_probabilities_refresh_on_odd_epochs(mixed_dirs, tmp_path):
 def test_image_level_val_chooses_the_best_models(mixed_dirs, tmp_path):
     from datasets.ana import CachedTileDataset, build_tile_cache
     from models.backbones import build_resnet_classifier
-    from utils.ana_engine import BatchPreprocessor, bag_max, predict
+    from utils.ana.epoch import BatchPreprocessor, bag_max, predict
     from utils.metrics import singlelabel_metrics
     data, cache = mixed_dirs["data"], mixed_dirs["cache"]
     argv = cpu_argv(data, tmp_path / "run", cache, "--saveModel", "--epoch", "2", "--lr", "1e-3")

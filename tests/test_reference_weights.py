@@ -19,7 +19,7 @@ from torch.utils.data import WeightedRandomSampler
 
 from datasets.samplers import InstanceSampler
 from models.sample_weights import InstanceWeights, init_weights, sampler_weights
-from utils.ana_engine import end_epoch, train_one_epoch
+from utils.ana.epoch import end_epoch, train_one_epoch
 
 N_BAGS, TILES_PER_BAG, C, FEATURES, BATCH, EPOCHS = 80, 8, 5, 6, 32, 3
 BETAS = (0.9, 0.999)

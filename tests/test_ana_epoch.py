@@ -4,7 +4,7 @@ import torch
 
 from models.losses_ana import weighted_bce_loss
 from models.sample_weights import InstanceWeights
-from utils.ana_engine import BatchPreprocessor, train_one_epoch
+from utils.ana.epoch import BatchPreprocessor, train_one_epoch
 from utils.errors import UserError
 
 LABELS = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0]])  # tiles 2 and 3: no label
@@ -88,7 +88,7 @@ def test_float16_loss_scaling_leaves_the_network_and_weight_steps_unchanged():
 @pytest.mark.parametrize("update_lr,reset,cleared", [("ulr-adaptive", True, True), ("ulr-adaptive", False, False),
                                                      ("ulr-ones", True, False), ("ulr-ones", False, False)])
 def test_end_epoch_resets_the_network_adam_only_when_the_reference_did(update_lr, reset, cleared):
-    from utils.ana_engine import end_epoch
+    from utils.ana.epoch import end_epoch
     model, x, weights, preprocess = _setup()
     weights = InstanceWeights(LABELS * 0.5, LABELS, lr=0.1, update_lr=update_lr)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.1)

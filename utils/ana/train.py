@@ -18,7 +18,7 @@ from datasets.samplers import InstanceSampler, sampling_entropy
 from models.backbones import RESNETS, build_resnet_classifier
 from models.pseudo_labels import TRAINING_LABELS
 from models.sample_weights import GRANULARITIES, GROUPINGS, INIT_METHODS, LR_METHODS, InstanceWeights, init_weights, weight_stats
-from utils.ana_engine import BatchPreprocessor, EpochSetup, bag_max, predict, train_epoch
+from utils.ana.epoch import BatchPreprocessor, EpochSetup, bag_max, predict, train_epoch
 from utils.distributed import (DistInfo, barrier, broadcast_object, cleanup_distributed, init_distributed,
                                mean_over_processes, replicas_in_sync, wrap_ddp)
 from utils.fast_path import make_precision, maybe_compile, memory_format
