@@ -56,6 +56,18 @@ def test_checkpoint_carries_the_preprocessing(pipeline):
     assert results["data"]["prior"] == pytest.approx(meta["prior"])
 
 
+def test_training_stores_the_threshold_auto_picks_at(pipeline, tmp_path):
+    # the test micrograph is held out and val is a P-vs-U hold-out: the prior rule
+    stored = torch.load(pipeline["ckpt"], weights_only=True)["picking_threshold"]
+    assert stored["rule"] == "prior" and 0 < stored["value"] < 1
+    summary = pick_particles.main(["--checkpoint", str(pipeline["ckpt"]), "--micrographs", str(pipeline["test_mic"]),
+                                   "--output-dir", str(tmp_path / "auto"), "--stride", "16", "--device", "cpu"])
+    assert summary["threshold"] == stored["value"] and summary["threshold_rule"].startswith("auto: prior rule")
+    star = starfile.read(tmp_path / "auto" / "candidates.star")
+    picked = star["rlnAutopickFigureOfMerit"] >= stored["value"]
+    assert summary["n_picks"] == int(picked.sum())
+
+
 def test_pick_then_evaluate(pipeline, tmp_path):
     out = tmp_path / "picks"
     summary = pick_particles.main(["--checkpoint", str(pipeline["ckpt"]), "--micrographs", str(pipeline["test_mic"]),
@@ -65,7 +77,7 @@ def test_pick_then_evaluate(pipeline, tmp_path):
     star = starfile.read(out / "picks.star")
     assert list(star.columns) == ["rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY",
                                   "rlnAutopickFigureOfMerit"]
-    assert len(star) == summary["n_picks"] > 0 and set(star["rlnMicrographName"]) == {"mic_03.mrc"}
+    assert len(star) == summary["n_picks"] > 0 and set(star["rlnMicrographName"]) == {str(pipeline["test_mic"])}
     assert star["rlnCoordinateX"].between(0, SIZE).all() and star["rlnCoordinateY"].between(0, SIZE).all()
     assert star["rlnAutopickFigureOfMerit"].is_monotonic_decreasing
     # picks are at least --min-distance (the particle radius) apart
