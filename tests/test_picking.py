@@ -101,6 +101,12 @@ def test_refinement_leaves_flanks_and_borders_on_the_grid():
     assert 2.0 < xy[1][0] <= 2.5 and xy[1][1] == 2.0  # pulled towards 0.8 (right), at most half a cell
     d_row, d_col = sub_cell_offsets(np.where(m > 0, m, 1e-3), np.array([2]), np.array([2]))
     assert 0 < d_col[0] <= 0.5 and d_row[0] == pytest.approx(0.0, abs=1e-12)
+    # a maximum whose fitted surface peaks 0.93 cells to the right (its corner cells rise that
+    # way): clipped to half a cell, the grid point nearest a round peak
+    v = np.full((5, 5), 0.01)
+    v[1, 1:4], v[2, 1:4], v[3, 1:4] = [0.1, 0.5, 0.89], [0.5, 0.9, 0.5], [0.1, 0.5, 0.89]
+    d_row, d_col = sub_cell_offsets(v, np.array([2]), np.array([2]))
+    assert d_col[0] == 0.5 and d_row[0] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_prior_threshold_selects_the_prior_fraction():
