@@ -27,7 +27,7 @@ from pathlib import Path
 from datasets.micrographs import list_micrographs, micrograph_key, micrograph_shape, read_coordinates
 from utils.errors import UserError, exit_on_user_error
 from utils.figures import pr_curve_image, save_png
-from utils.pick_outputs import SUMMARY_NAME, flip_y
+from utils.pick_outputs import CANDIDATES_NAME, SUMMARY_NAME, flip_y
 from utils.picking import MATCHINGS, evaluate_picks
 from utils.results import write_json
 
@@ -37,8 +37,8 @@ def build_parser():
         description="Score particle picks against reference coordinates (precision, recall, F1, "
                     "average precision, best-F1 threshold), per micrograph and overall.")
     parser.add_argument("--picks", required=True,
-                        help="picked coordinates with scores: a STAR, BOX, CSV/TSV/TXT file or a folder of them "
-                             "(required)")
+                        help="picked coordinates with scores: a STAR, BOX, CSV/TSV/TXT file or a folder of them; "
+                             "an output folder of pick_particles.py means its candidates.star (required)")
     parser.add_argument("--reference", required=True,
                         help="reference (true) particle coordinates, same formats as --picks (required)")
     parser.add_argument("--radius", type=float, required=True,
@@ -122,6 +122,8 @@ def main(argv=None):
         raise UserError(f"--threshold {args.threshold}: expected a finite score")
     picks_path, reference_path = Path(args.picks), Path(args.reference)
     summary = picking_summary(picks_path)
+    if picks_path.is_dir() and summary is not None:  # a pick_particles.py folder: its whole ranking
+        picks_path = picks_path / CANDIDATES_NAME
     picks, picks_info = read_coordinates(picks_path)
     reference, reference_info = read_coordinates(reference_path)
     print(f"picks: {picks_info}", file=sys.stderr)

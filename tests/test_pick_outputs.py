@@ -271,6 +271,8 @@ def test_evaluation_counts_picked_micrographs_without_picks(setup, tmp_path):
     # micrograph counts, and its particles are missed when it has no pick at that threshold
     result = evaluate_picks.main(["--picks", str(out / "candidates.star"), "--reference", str(setup["star"]),
                                   "--radius", str(RADIUS)])
+    assert evaluate_picks.main(["--picks", str(out), "--reference", str(setup["star"]), "--radius",
+                                str(RADIUS)])["overall"] == result["overall"]  # the folder means its candidates
     reference = read_coordinates(setup["star"])[0]
     assert result["threshold"] == 0.999
     assert set(result["per_micrograph"]) == {p.stem for p in setup["mics"]}
