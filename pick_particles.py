@@ -25,11 +25,11 @@ from datasets.micrographs import list_micrographs, read_micrograph
 from models.dense import DENSE_CONTEXT, MODES
 from utils.device import resolve_device
 from utils.errors import UserError, exit_on_user_error
-from utils.figures import save_png
 from utils.logger import close_run_logger, progress, setup_run_logger
-from utils.particle_picker import (DEFAULT_FLOOR, DEFAULT_TILE, check_micrographs, load_picker, overlay_image,
-                                   pick_micrograph, resolve_settings, resolve_threshold, window_size)
-from utils.pick_outputs import Staging, flip_y, micrograph_entries, text_histogram, write_picks, write_summary_files
+from utils.particle_picker import (DEFAULT_FLOOR, DEFAULT_TILE, check_micrographs, load_picker, pick_micrograph,
+                                   resolve_settings, resolve_threshold, window_size)
+from utils.pick_outputs import (Staging, flip_y, micrograph_entries, text_histogram, write_overlays, write_picks,
+                                write_summary_files)
 
 
 def threshold_value(text):
@@ -52,9 +52,9 @@ def build_parser():
                         "relative to a RELION project directory to get paths RELION finds")
     p.add_argument("--output-dir", required=True, help="folder for the coordinate files")
     p.add_argument("--threshold", type=threshold_value, default="auto",
-                   help="keep picks with probability >= this; auto = the threshold training stored in the "
-                        "checkpoint (best F1 on labelled val micrographs, else the one that calls the prior's "
-                        "fraction of windows particles) (default: %(default)s)")
+                   help="keep picks with probability >= this; auto = the rule training stored in the checkpoint: "
+                        "the best-F1 threshold on labelled val micrographs, else as many picks as the data's prior "
+                        "says a micrograph holds (default: %(default)s)")
     p.add_argument("--score-floor", type=float, default=DEFAULT_FLOOR,
                    help="candidates.star keeps every candidate down to this score (or the threshold, when "
                         "lower), so rethreshold_picks.py can lower the threshold later (default: %(default)s)")
@@ -105,8 +105,8 @@ def main(argv=None):
         raise UserError(f"--score-floor is {args.score_floor}, expected a probability in [0, 1]")
     device = resolve_device(args.device)
     model, ckpt = load_picker(args.checkpoint, device, args.model)
-    threshold, rule = resolve_threshold(ckpt, args.checkpoint, args.threshold)
-    settings = resolve_settings(ckpt, args.checkpoint, threshold, args.min_distance, args.downsample,
+    choice = resolve_threshold(ckpt, args.checkpoint, args.threshold)
+    settings = resolve_settings(ckpt, args.checkpoint, choice.value, args.min_distance, args.downsample,
                                 args.normalize, args.stride, args.mode, args.batch_size, args.refine,
                                 args.tile_size or None, args.score_floor)
     paths = list_micrographs(args.micrographs)
@@ -121,7 +121,8 @@ def main(argv=None):
     with Staging(out) as staging:
         logger = setup_run_logger("pick_particles", staging.out_dir / "picking.log")
         try:
-            return _pick(args, model, ckpt, device, settings, rule, paths, entries, radius, box_size, staging, logger)
+            return _pick(args, model, ckpt, device, settings, choice, paths, entries, radius, box_size, staging,
+                         logger)
         except UserError as exc:
             logger.error("error: " + " ".join(str(exc).split()), extra={"file_only": True})
             raise
@@ -129,15 +130,14 @@ def main(argv=None):
             close_run_logger(logger)
 
 
-def _pick(args, model, ckpt, device, settings, rule, paths, entries, radius, box_size, staging, logger):
+def _pick(args, model, ckpt, device, settings, choice, paths, entries, radius, box_size, staging, logger):
     """Pick every micrograph into ``staging``, then install the files; return picking.json's dict."""
     out = args.output_dir
     logger.info(f"{args.checkpoint}: backbone {ckpt['backbone']}, patch {settings.patch_size} px, downsample "
                 f"{settings.downsample:g}, {settings.mode} map at stride {settings.stride}"
                 + (f" in tiles of at most {settings.max_tile} px" if settings.max_tile else "")
                 + f", min distance {settings.min_distance:g} px, refine {'on' if settings.refine else 'off'}, "
-                f"device {device}")
-    logger.info(f"threshold {settings.threshold:.4g} ({rule}); candidates down to {settings.candidate_floor:g}"
+                f"device {device}; candidates down to {settings.candidate_floor:g}"
                 + (", y inverted (H - 1 - y)" if args.invert_y else ""))
     context = int(ckpt.get("context", 0))
     if settings.mode == "dense" and context < DENSE_CONTEXT:
@@ -152,34 +152,37 @@ def _pick(args, model, ckpt, device, settings, rule, paths, entries, radius, box
             raise UserError(f"{path}: decoded as {array.shape[1]}x{array.shape[0]} px, but its header says "
                             f"{entry.width}x{entry.height}")
         candidates, _, timing = pick_micrograph(model, array, settings, device, name=entry.path)
-        if args.overlay:
-            save_png(staging.path(entry.overlay), overlay_image(array, candidates, radius, threshold=settings.threshold))
         seconds = time.perf_counter() - t0
-        n_picks = int((candidates["score"].round(6) >= settings.threshold).sum())
-        per_mic[entry.key] = {**asdict(entry), "abspath": str(Path(path).resolve()), "n_picks": n_picks, "n_candidates": len(candidates),
+        per_mic[entry.key] = {**asdict(entry), "abspath": str(Path(path).resolve()), "n_candidates": len(candidates),
                               "seconds": seconds, **timing}
-        logger.info(f"{path}: {n_picks} picks ({len(candidates)} candidates) in {seconds:.2f} s "
-                    f"(map {timing['map_s']:.2f} s)")
+        logger.info(f"{path}: {len(candidates)} candidates in {seconds:.2f} s (map {timing['map_s']:.2f} s)")
         found.append(candidates)
     candidates = pd.concat(found, ignore_index=True)
     if args.invert_y:
         candidates = flip_y(candidates, {e.key: e.height for e in entries})
     # numbers as candidates.star stores them (6 decimals): re-thresholding that file gives the same files
     candidates[["x", "y", "score"]] = candidates[["x", "y", "score"]].round(6)
-    picks, _ = write_picks(staging, out, candidates, settings.threshold, entries, box_size)
+    threshold, rule = choice.apply(candidates["score"], [e.height * e.width for e in entries], settings.floor)
+    logger.info(f"threshold {threshold:.4g} ({rule})")
+    picks, counts = write_picks(staging, out, candidates, threshold, entries, box_size)
+    for key, n in counts.items():
+        per_mic[key]["n_picks"] = n
+    if args.overlay:
+        write_overlays(staging, entries, {k: m["abspath"] for k, m in per_mic.items()}, candidates, threshold,
+                       radius, args.invert_y)
     total = sum(m["seconds"] for m in per_mic.values())
-    summary = {"checkpoint": str(args.checkpoint), "settings": asdict(settings), "threshold": settings.threshold,
+    summary = {"checkpoint": str(args.checkpoint), "settings": asdict(settings), "threshold": threshold,
                "threshold_rule": rule, "score_floor": settings.candidate_floor, "box_size": box_size,
                "invert_y": bool(args.invert_y), "overlays": bool(args.overlay), "particle_radius": radius,
                "device": str(device), "n_micrographs": len(paths), "n_picks": len(picks),
                "n_candidates": len(candidates), "seconds_per_micrograph": total / len(paths), "micrographs": per_mic}
-    write_summary_files(staging, candidates, settings.threshold, summary)
-    for line in text_histogram(candidates["score"], settings.threshold):
+    write_summary_files(staging, candidates, threshold, summary)
+    for line in text_histogram(candidates["score"], threshold):
         logger.info(f"scores {line}")
     staging.install()
-    logger.info(f"{len(picks)} picks on {len(paths)} micrographs, {total / len(paths):.2f} s per micrograph -> {out}: "
-                f"autopick.star + {len(entries)} *_autopick.star (RELION), picks.star (cryoSPARC), picks.csv, box/, "
-                f"candidates.star, score_histogram.png")
+    logger.info(f"{len(picks)} picks on {len(paths)} micrographs ({', '.join(map(str, counts.values()))}), "
+                f"{total / len(paths):.2f} s per micrograph -> {out}: autopick.star + {len(entries)} *_autopick.star "
+                f"(RELION), picks.star (cryoSPARC), picks.csv, box/, candidates.star, score_histogram.png")
     return summary
 
 

@@ -15,13 +15,11 @@ import json
 import math
 from pathlib import Path
 
-from datasets.micrographs import read_coordinates, read_micrograph
+from datasets.micrographs import micrograph_shape, read_coordinates
 from utils.errors import UserError, exit_on_user_error
-from utils.figures import save_png
 from utils.logger import close_run_logger, setup_run_logger
-from utils.particle_picker import overlay_image
-from utils.pick_outputs import (CANDIDATES_NAME, SUMMARY_NAME, Staging, entries_from_summary, flip_y, text_histogram,
-                                write_picks, write_summary_files)
+from utils.pick_outputs import (CANDIDATES_NAME, SUMMARY_NAME, Staging, entries_from_summary, text_histogram,
+                                write_overlays, write_picks, write_summary_files)
 
 
 def build_parser():
@@ -78,22 +76,18 @@ def main(argv=None):
                         f"candidates stop at its score floor {floor:g}: pick again with a lower --score-floor)")
     entries = entries_from_summary(summary)
     overlay = summary.get("overlays", False) if args.overlay is None else args.overlay
-    images = {}
-    if overlay:  # every micrograph is read before anything is written
-        for m in summary["micrographs"].values():
-            images[m["key"]] = read_micrograph(m.get("abspath", m["path"]))
+    sources = {m["key"]: m.get("abspath", m["path"]) for m in summary["micrographs"].values()}
+    if overlay:  # every micrograph's header is read before anything is written
+        for source in sources.values():
+            micrograph_shape(source)
     out = args.output_dir if args.output_dir is not None else args.picks
     with Staging(out) as staging:
         logger = setup_run_logger("rethreshold_picks", staging.out_dir / "picking.log")
         try:
             picks, counts = write_picks(staging, out, candidates, args.threshold, entries, summary["box_size"])
             if overlay:
-                image_frame = flip_y(candidates, {e.key: e.height for e in entries}) if summary["invert_y"] \
-                    else candidates
-                for e in entries:
-                    mine = image_frame[image_frame["micrograph"] == e.path]
-                    save_png(staging.path(e.overlay), overlay_image(images[e.key], mine, summary["particle_radius"],
-                                                                    threshold=args.threshold))
+                write_overlays(staging, entries, sources, candidates, args.threshold, summary["particle_radius"],
+                               summary["invert_y"])
             micrographs = {k: {**m, "n_picks": counts[k]} for k, m in summary["micrographs"].items()}
             new = {**summary, "threshold": float(args.threshold), "overlays": bool(overlay),
                    "threshold_rule": f"rethreshold_picks.py (was {summary['threshold']:.4g}: "

@@ -219,7 +219,7 @@ def test_picking_threshold_is_the_best_f1_threshold_of_a_labelled_val_set(full_r
     stored = _load(run_dir / "best_model.pt")["picking_threshold"]
     assert stored["rule"] == "val_best_f1" and stored == results["picking_threshold"]
     assert stored["value"] == results["val"]["best_f1_threshold"]
-    assert f"picking threshold {stored['value']:.4f} (best F1" in (run_dir / "train.log").read_text()
+    assert f"picking threshold: val_best_f1 rule {stored['value']:.4f} (best F1" in (run_dir / "train.log").read_text()
 
 
 def test_config_yaml_holds_the_resolved_config(full_run):
@@ -469,11 +469,11 @@ def test_heldout_val_test_and_prior_from_metadata(tmp_path):
     assert "underestimate the true AUC" in log and "prior 0.25 (from the data's metadata)" in log
     assert _load(tmp_path / "out" / "held" / "last.pt")["split"]["heldout"] == {"val": True, "test": True}
     assert "WARNING" not in log  # prior auto: nothing to warn about
-    # no labelled val set: the picking threshold calls the prior's fraction (0.25) of the
-    # unlabelled training windows particles, scored by the saved teacher
+    # no labelled val set and no micrograph geometry (patch data): the picking threshold calls the
+    # prior's fraction (0.25) of the unlabelled training windows particles, scored by the saved teacher
     best = _load(tmp_path / "out" / "held" / "best_model.pt")
     stored = best["picking_threshold"]
-    assert stored["rule"] == "prior" and stored["prior"] == 0.25 and stored["n_windows"] == 128
+    assert stored["rule"] == "prior_windows" and stored["prior"] == 0.25 and stored["n_windows"] == 128
     data_set = load_pu_data(data, split=_load(tmp_path / "out" / "held" / "last.pt")["split"])
     model = FixMatchPUModel(best["backbone"])
     model.load_state_dict(best["model"])

@@ -26,14 +26,16 @@ from models.fixmatch_pu import FixMatchPUModel
 RADIUS = 12
 
 
-def _checkpoint(path, threshold=None):
+def _checkpoint(path, threshold=None, particles_per_px=None):
     torch.manual_seed(0)
     model = FixMatchPUModel("resnet18", context=32)
     ckpt = {"model": model.state_dict(), "backbone": "resnet18", "patch_size": 96, "context": 32,
             "data_metadata": {"downsample": 2.0, "normalization": "zscore", "particle_radius": float(RADIUS),
                               "window_size": 32}}
     if threshold is not None:
-        ckpt["picking_threshold"] = {"value": threshold, "rule": "prior", "why": "stored by the test"}
+        ckpt["picking_threshold"] = {"value": threshold, "rule": "val_best_f1", "why": "stored by the test"}
+    if particles_per_px is not None:
+        ckpt["picking_threshold"] = {"rule": "prior", "particles_per_px": particles_per_px, "why": "stored by the test"}
     torch.save(ckpt, path)
     return path
 
@@ -51,7 +53,9 @@ def setup(tmp_path_factory):
         shutil.copy(src, dst)
         mics.append(dst)
     return {"root": root, "mics": mics, "star": raw["star"], "ckpt": _checkpoint(root / "best.pt", threshold=0.3),
-            "old_ckpt": _checkpoint(root / "old.pt")}
+            "old_ckpt": _checkpoint(root / "old.pt"),
+            # 7 particles per 256 x 256 micrograph: 21 on the three
+            "prior_ckpt": _checkpoint(root / "prior.pt", particles_per_px=7 / 256 ** 2)}
 
 
 def _pick(setup, out, *extra, mics=None):
@@ -122,8 +126,16 @@ def test_relion_files_read_back_and_the_index_names_each(setup, tmp_path):
 
 def test_threshold_auto_uses_the_checkpoint(setup, tmp_path, capsys):
     summary = _pick(setup, tmp_path / "auto")
-    assert summary["threshold"] == 0.3 and summary["threshold_rule"].startswith("auto: prior rule")
-    assert "threshold 0.3 (auto: prior rule, stored by the test)" in (tmp_path / "auto" / "picking.log").read_text()
+    assert summary["threshold"] == 0.3 and summary["threshold_rule"].startswith("auto: val_best_f1 rule")
+    assert "threshold 0.3 (auto: val_best_f1 rule, stored by the test)" in (tmp_path / "auto" / "picking.log").read_text()
+    # the prior rule: as many picks as particles expected on the micrographs' area (7 x 3), the
+    # threshold being the score of the 21st best candidate
+    summary = pick_particles.main(["--checkpoint", str(setup["prior_ckpt"]), "--micrographs",
+                                   *map(str, setup["mics"]), "--output-dir", str(tmp_path / "prior"), "--stride", "16"])
+    scores = np.sort(starfile.read(tmp_path / "prior" / "candidates.star")["rlnAutopickFigureOfMerit"])[::-1]
+    assert len(scores) > 21 and summary["threshold"] == scores[20] and summary["n_picks"] == 21
+    assert "21 particles expected on 3 micrograph(s)" in summary["threshold_rule"]
+    assert summary["score_floor"] == 0.01  # the candidates stop at the floor whatever the threshold
     line = _fail(capsys, pick_particles.main, ["--checkpoint", str(setup["old_ckpt"]), "--micrographs",
                                                str(setup["mics"][0]), "--output-dir", str(tmp_path / "old")])
     assert "old.pt: holds no picking threshold" in line and "--threshold" in line

@@ -57,15 +57,20 @@ def test_checkpoint_carries_the_preprocessing(pipeline):
 
 
 def test_training_stores_the_threshold_auto_picks_at(pipeline, tmp_path):
-    # the test micrograph is held out and val is a P-vs-U hold-out: the prior rule
-    stored = torch.load(pipeline["ckpt"], weights_only=True)["picking_threshold"]
-    assert stored["rule"] == "prior" and 0 < stored["value"] < 1
+    # the test micrograph is held out and val is a P-vs-U hold-out: the prior rule, as a particle
+    # density (prior / positive-radius disc, original px), applied to the micrograph's area
+    ckpt = torch.load(pipeline["ckpt"], weights_only=True)
+    stored, meta = ckpt["picking_threshold"], ckpt["data_metadata"]
+    assert stored["rule"] == "prior" and stored["prior"] == pytest.approx(meta["prior"])
+    assert stored["particles_per_px"] == pytest.approx(meta["prior"] / (np.pi * meta["positive_radius"] ** 2))
     summary = pick_particles.main(["--checkpoint", str(pipeline["ckpt"]), "--micrographs", str(pipeline["test_mic"]),
-                                   "--output-dir", str(tmp_path / "auto"), "--stride", "16", "--device", "cpu"])
-    assert summary["threshold"] == stored["value"] and summary["threshold_rule"].startswith("auto: prior rule")
-    star = starfile.read(tmp_path / "auto" / "candidates.star")
-    picked = star["rlnAutopickFigureOfMerit"] >= stored["value"]
-    assert summary["n_picks"] == int(picked.sum())
+                                   "--output-dir", str(tmp_path / "auto"), "--stride", "16", "--device", "cpu",
+                                   "--score-floor", "0"])  # every cell is a candidate: more than expected
+    expected = round(stored["particles_per_px"] * SIZE * SIZE)
+    assert summary["threshold_rule"].startswith("auto: prior rule")
+    assert f"{expected} particles expected on 1 micrograph(s)" in summary["threshold_rule"]
+    scores = np.sort(starfile.read(tmp_path / "auto" / "candidates.star")["rlnAutopickFigureOfMerit"])[::-1]
+    assert summary["threshold"] == scores[expected - 1] and summary["n_picks"] == int((scores >= scores[expected - 1]).sum())
 
 
 def test_pick_then_evaluate(pipeline, tmp_path):

@@ -495,8 +495,9 @@ def _finish(cfg, data, counts, teacher, test_loader, device, run_dir, logger, ep
     picking = _picking_threshold(teacher.model, data, best.get("prior"), val, device, cfg)
     best["picking_threshold"] = picking
     save_checkpoint(best, run_dir / "best_model.pt")
-    logger.info(f"picking threshold {picking['value']:.4f} ({picking['why']}) stored in {run_dir / 'best_model.pt'}: "
-                f"pick_particles.py --threshold auto uses it")
+    logger.info(f"picking threshold: {picking['rule']} rule"
+                + (f" {picking['value']:.4f}" if "value" in picking else "") + f" ({picking['why']}), stored in "
+                f"{run_dir / 'best_model.pt'} for pick_particles.py --threshold auto")
     results = {"best_epoch": int(best["epoch"]), "epochs_run": int(epochs_run), "heldout": bool(data.heldout),
                "val": val, "test": test, "test_at_val_best_f1_threshold": test_at_best,
                "picking_threshold": picking, "data": counts}
@@ -515,18 +516,33 @@ MAX_THRESHOLD_PATCHES = 20000
 
 
 def _picking_threshold(model, data, prior, val, device, cfg):
-    """The threshold ``pick_particles.py --threshold auto`` uses, as a dict (``value``, ``rule``, ``why``...).
+    """How ``pick_particles.py --threshold auto`` picks, as a dict (``rule``, ``why``, and the rule's numbers).
 
-    * ``val_best_f1``: the best-F1 threshold on a LABELLED val set (``val.pt``, held-out micrographs
-      whose every particle is annotated), when there is one with both classes;
-    * ``prior``: otherwise (val is a positive-vs-unlabelled hold-out, whose best F1 is biased by the
-      particles hidden among the unlabelled), the score above which the fraction ``prior`` of the
-      unlabelled training windows lies: the model then calls as many windows particles as the
-      class prior says there are (:func:`utils.picking.prior_threshold`).
+    * ``val_best_f1``: ``value`` = the best-F1 threshold on a LABELLED val set (``val.pt``: held-out
+      micrographs whose every particle is annotated), when there is one with both classes;
+    * ``prior`` (data made from micrographs by preprocess_cryoem.py): otherwise (val is a
+      positive-vs-unlabelled hold-out, whose F1 is biased by the particles hidden among the
+      unlabelled) the prior says how many particles a micrograph holds: the fraction ``prior`` of
+      windows lies within ``positive_radius`` of a particle, i.e. ``particles_per_px = prior /
+      (pi * positive_radius^2)`` per original px^2 (Topaz's estimate, inverted); picking then keeps
+      that many picks per micrograph area, i.e. the threshold is the score of the last of them
+      (utils/particle_picker.py). It is fixed on the dense map's own peaks, because a window's
+      score and a peak's differ (a peak is the best of its neighbourhood, and for a small window
+      the dense map is not the crop classifier, models/dense.py);
+    * ``prior_windows`` (patch data without micrograph geometry): ``value`` = the score above which
+      the fraction ``prior`` of the unlabelled training windows lies
+      (:func:`utils.picking.prior_threshold`).
     """
     if val is not None and not data.val.heldout and math.isfinite(val.get("best_f1_threshold", math.nan)):
         return {"value": float(val["best_f1_threshold"]), "rule": "val_best_f1", "val_best_f1": val["best_f1"],
                 "why": f"best F1 {val['best_f1']:.3f} on the labelled val set"}
+    meta = data.metadata if isinstance(data.metadata, dict) else {}
+    radius = meta.get("positive_radius")
+    if isinstance(radius, (int, float)) and not isinstance(radius, bool) and radius > 0:
+        density = float(prior) / (math.pi * float(radius) ** 2)
+        return {"rule": "prior", "prior": float(prior), "positive_radius": float(radius), "particles_per_px": density,
+                "why": f"prior {prior:.3g} of windows within {radius:g} px of a particle: {density * 1e6:.3g} "
+                       f"particles per million px, as many picks per micrograph"}
     n_unl, n_pos = data.train.n_unl, data.train.n_pos
     index = torch.arange(n_pos, n_pos + n_unl)
     if n_unl > MAX_THRESHOLD_PATCHES:
@@ -537,5 +553,5 @@ def _picking_threshold(model, data, prior, val, device, cfg):
                      batch_size=2 * cfg["training"]["batch_size"])
     _, scores = evaluate(model, loader, device, desc="threshold")
     value = prior_threshold(scores.numpy(), prior)
-    return {"value": value, "rule": "prior", "prior": float(prior), "n_windows": len(index),
+    return {"value": value, "rule": "prior_windows", "prior": float(prior), "n_windows": len(index),
             "why": f"the top {prior:.3g} (the prior) of {len(index)} unlabelled training windows score above it"}

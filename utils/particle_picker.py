@@ -37,8 +37,9 @@ DEFAULT_FLOOR = 0.01
 @dataclass(frozen=True)
 class PickSettings:
     """How to pick; distances in original micrograph pixels, ``stride`` and ``max_tile`` in
-    downsampled pixels. ``threshold`` is a number here (``auto`` is resolved before)."""
-    threshold: float
+    downsampled pixels. ``threshold``: a number, or None while it waits for the candidates
+    (:class:`ThresholdChoice`)."""
+    threshold: float | None
     min_distance: float
     downsample: float
     normalization: str
@@ -53,7 +54,7 @@ class PickSettings:
     @property
     def candidate_floor(self):
         """The lowest score a candidate keeps: the floor, or the threshold when that is lower."""
-        return min(self.floor, self.threshold)
+        return self.floor if self.threshold is None else min(self.floor, self.threshold)
 
 
 def load_picker(path, device, which="model"):
@@ -83,24 +84,56 @@ def load_picker(path, device, which="model"):
     return model.to(device).eval(), ckpt
 
 
+@dataclass(frozen=True)
+class ThresholdChoice:
+    """The picking threshold, or how to fix it once a run's candidates are known.
+
+    ``value``: the threshold (None: set by the expected number of particles, ``particles_per_px``
+    per original px^2, see :meth:`apply`); ``rule``: how it was chosen, for the log.
+    """
+    value: float | None
+    rule: str
+    particles_per_px: float | None = None
+
+    def apply(self, scores, areas, floor=0.0):
+        """``(threshold, rule)`` for a run whose candidates have ``scores`` on micrographs of ``areas``
+        (original px^2): ``value``, or the score of the ``k``-th best candidate, ``k`` = the expected
+        number of particles ``round(particles_per_px * sum(areas))`` (at least 1), so that the run keeps
+        as many picks as the prior says there are (all candidates, and ``floor``, when there are fewer)."""
+        if self.value is not None:
+            return float(self.value), self.rule
+        k = max(1, int(round(self.particles_per_px * float(sum(areas)))))
+        ranked = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
+        rule = f"{self.rule}; {k} particles expected on {len(areas)} micrograph(s): the score of the {k}th best candidate"
+        if len(ranked) < k:
+            return (float(ranked[-1]) if len(ranked) else float(floor)), rule + f" (only {len(ranked)} candidates)"
+        return float(ranked[k - 1]), rule
+
+
 def resolve_threshold(ckpt, path, threshold):
-    """``(value, rule)``: ``threshold`` itself (a number), or for ``"auto"`` the threshold training
-    stored in the checkpoint (``picking_threshold``, see utils/cryoem_trainer.py) and its rule."""
+    """A :class:`ThresholdChoice`: ``threshold`` itself (a number), or for ``"auto"`` the rule training
+    stored in the checkpoint (``picking_threshold``, see utils/cryoem_trainer.py)."""
     if threshold != "auto":
-        return float(threshold), "given by --threshold"
+        return ThresholdChoice(float(threshold), "given by --threshold")
     stored = ckpt.get("picking_threshold")
-    if not isinstance(stored, dict) or not isinstance(stored.get("value"), (int, float)):
+    if not isinstance(stored, dict):
         raise UserError(f"{path}: holds no picking threshold (trained before thresholds were stored); pass "
                         f"--threshold T, e.g. evaluate_picks.py's best-F1 threshold on an annotated micrograph")
-    return float(stored["value"]), f"auto: {stored.get('rule', '?')} rule, {stored.get('why', '')}".rstrip(", ")
+    rule = f"auto: {stored.get('rule', '?')} rule, {stored.get('why', '')}".rstrip(", ")
+    density = stored.get("particles_per_px")
+    if isinstance(density, (int, float)) and not isinstance(density, bool) and density > 0:
+        return ThresholdChoice(None, rule, float(density))
+    if not isinstance(stored.get("value"), (int, float)):
+        raise UserError(f"{path}: its picking_threshold holds neither a value nor particles_per_px; pass --threshold T")
+    return ThresholdChoice(float(stored["value"]), rule)
 
 
 def resolve_settings(ckpt, path, threshold, min_distance=None, downsample=None, normalization=None, stride=32,
                      mode="dense", batch_size=256, refine=True, max_tile=DEFAULT_TILE, floor=DEFAULT_FLOOR):
     """Fill what the flags leave open from the checkpoint's ``data_metadata``; UserError naming the flag.
 
-    ``threshold`` is a number (resolve ``auto`` with :func:`resolve_threshold` first); ``max_tile``
-    None means untiled.
+    ``threshold`` is a number, or None when it is fixed later from the candidates (see
+    :func:`resolve_threshold`); ``max_tile`` None means untiled.
     """
     meta = ckpt.get("data_metadata") or {}
     if downsample is None:
@@ -118,7 +151,7 @@ def resolve_settings(ckpt, path, threshold, min_distance=None, downsample=None, 
         raise UserError(f"--normalize is {normalization!r}, expected one of {', '.join(NORMALIZATIONS)}")
     if not min_distance > 0:
         raise UserError(f"--min-distance is {min_distance!r}, expected a positive number of pixels")
-    if not 0 <= threshold <= 1:
+    if threshold is not None and not 0 <= threshold <= 1:
         raise UserError(f"--threshold is {threshold!r}, expected a probability in [0, 1] or auto")
     if not 0 <= floor <= 1:
         raise UserError(f"--score-floor is {floor!r}, expected a probability in [0, 1]")
@@ -133,7 +166,7 @@ def resolve_settings(ckpt, path, threshold, min_distance=None, downsample=None, 
     if max_tile is not None and max_tile < patch_size:
         raise UserError(f"--tile-size is {max_tile!r}, expected at least the patch size {patch_size} px (or 0 for "
                         f"no tiling)")
-    return PickSettings(threshold=float(threshold), min_distance=float(min_distance), downsample=float(downsample),
+    return PickSettings(threshold=None if threshold is None else float(threshold), min_distance=float(min_distance), downsample=float(downsample),
                         normalization=normalization, patch_size=patch_size, stride=int(stride), mode=mode,
                         batch_size=int(batch_size), refine=bool(refine), max_tile=max_tile, floor=float(floor))
 

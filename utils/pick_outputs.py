@@ -38,9 +38,10 @@ import numpy as np
 import pandas as pd
 import starfile
 
-from datasets.micrographs import micrograph_key, write_box, write_csv, write_star
+from datasets.micrographs import micrograph_key, read_micrograph, write_box, write_csv, write_star
 from utils.checkpoint import atomic_write
 from utils.figures import histogram_image, save_png
+from utils.particle_picker import overlay_image
 from utils.results import write_json
 
 INDEX_NAME = "autopick.star"
@@ -194,6 +195,17 @@ def write_picks(staging, out_dir, candidates, threshold, entries, box_size):
     write_star(staging.path("picks.star"), picks)
     write_csv(staging.path("picks.csv"), picks)
     return picks, counts
+
+
+def write_overlays(staging, entries, sources, candidates, threshold, radius, invert_y):
+    """Stage ``overlays/<tree>/<name>.png`` for each entry, reading its micrograph from ``sources[key]``:
+    picks (score >= ``threshold``) in green, other candidates in grey, in the image's own frame
+    (``candidates`` are in the output frame, flipped back when ``invert_y``)."""
+    image_frame = flip_y(candidates, {e.key: e.height for e in entries}) if invert_y else candidates
+    for e in entries:
+        mine = image_frame[image_frame["micrograph"] == e.path]
+        save_png(staging.path(e.overlay), overlay_image(read_micrograph(sources[e.key]), mine, radius,
+                                                        threshold=threshold))
 
 
 def write_summary_files(staging, candidates, threshold, summary):

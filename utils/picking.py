@@ -90,9 +90,10 @@ def find_peaks(prob_map, threshold, min_distance, origin=(0.0, 0.0), step=1.0, r
     0.9 / 0.8 / 0.7 in three adjacent cells and a minimum distance of 1.5 cells, 0.9 and 0.7 are
     kept. NaN cells are never candidates. Returned by descending score.
 
-    ``refine``: each kept cell that is a maximum of its full 3 x 3 neighbourhood (map border cells
+    ``refine``: each candidate that is a maximum of its full 3 x 3 neighbourhood (map border cells
     are not refined) moves to the peak of a quadratic surface fitted to the map's logit there
-    (:func:`sub_cell_offsets`), at most half a cell per axis; its score stays the cell's value.
+    (:func:`sub_cell_offsets`), at most half a cell per axis, before the NMS (so the distances it
+    enforces hold between the positions returned); its score stays the cell's value.
     """
     values = _to_numpy(prob_map).astype(np.float64)
     if values.ndim != 2:
@@ -101,11 +102,11 @@ def find_peaks(prob_map, threshold, min_distance, origin=(0.0, 0.0), step=1.0, r
         raise ValueError(f"step must be > 0, got {step}")
     rows, cols = np.nonzero(np.isfinite(values) & (values >= threshold))  # row-major order
     scores = values[rows, cols]
-    keep = nms(np.stack([cols, rows], axis=1).astype(np.float64) * float(step), scores, min_distance)
-    rows, cols, scores = rows[keep], cols[keep], scores[keep]
     dr, dc = sub_cell_offsets(values, rows, cols) if refine else (0.0, 0.0)
+    # NMS on the positions written out, so that no two picks are closer than min_distance
     xy = np.stack([origin[0] + (cols + dc) * float(step), origin[1] + (rows + dr) * float(step)], axis=1)
-    return xy.astype(np.float64).reshape(-1, 2), scores
+    keep = nms(xy.reshape(-1, 2), scores, min_distance)
+    return xy.astype(np.float64).reshape(-1, 2)[keep], scores[keep]
 
 
 # Least-squares fit of f(x, y) = c0 + c1 x + c2 y + c3 x^2 + c4 y^2 + c5 x y to the 3 x 3 cells
