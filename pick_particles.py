@@ -1,49 +1,84 @@
 """Pick particles on micrographs with a model trained by train_pu_selective_fixmatch.py.
 
     python pick_particles.py --checkpoint experiments/my_run/best_model.pt \
-        --micrographs data/micrographs --output-dir picks --threshold 0.5 --overlay
+        --micrographs MotionCorr/job002/Movies/*.mrc --output-dir picks --overlay
 
-Writes to --output-dir: picks.star (RELION: _rlnMicrographName, _rlnCoordinateX/Y,
-_rlnAutopickFigureOfMerit), picks.csv (micrograph,x,y,score), box/<micrograph>.box (EMAN,
-lower-left corner + box size), overlays/<micrograph>.png with --overlay, and picking.json
-(settings, picks and seconds per micrograph). Coordinates are in the original micrographs'
-pixels whatever downsampling the model was trained with. To evaluate the ranking with
-evaluate_picks.py, pick with --threshold 0 (every local maximum) and let the evaluation
-apply its threshold.
+Writes to --output-dir (utils/pick_outputs.py has the layout): one <micrograph>_autopick.star per
+micrograph in a folder tree that mirrors the micrographs' paths and the autopick.star index
+(RELION 4/5: Extract's input coordinates), picks.star (every pick, _rlnMicrographName = the path as
+given; cryoSPARC's Import Particle Stack), picks.csv, box/<tree>/<micrograph>.box (EMAN),
+candidates.star (every candidate above --score-floor, for rethreshold_picks.py), score_histogram.png,
+overlays/ with --overlay, picking.json and picking.log. Coordinates are in the original
+micrographs' pixels whatever downsampling the model was trained with (--invert-y: in the frame of
+an image flipped upside down). The threshold defaults to the one training chose (auto); change it
+later without the network: python rethreshold_picks.py --picks picks --threshold 0.3.
 """
 import argparse
+import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
 
-from datasets.micrographs import list_micrographs, micrograph_key, read_micrograph, write_box, write_csv, write_star
+from datasets.micrographs import list_micrographs, read_micrograph
 from models.dense import DENSE_CONTEXT, MODES
 from utils.checks import check_output_dir, float_arg, int_arg
 from utils.device import resolve_device
-from utils.errors import ArgumentParser, exit_on_user_error
-from utils.figures import save_png
+from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.logger import close_run_logger, progress, setup_run_logger
-from utils.particle_picker import check_micrographs, load_picker, overlay_image, pick_micrograph, resolve_settings
-from utils.results import write_json
+from utils.particle_picker import (DEFAULT_FLOOR, DEFAULT_TILE, check_micrographs, load_picker, pick_micrograph,
+                                   resolve_settings, resolve_threshold, window_size)
+from utils.pick_outputs import (Staging, remove_stale_staging, flip_y, micrograph_entries, text_histogram, write_overlays, write_picks,
+                                write_summary_files)
 from utils.run_lock import RunLock
 
 
+def threshold_value(text):
+    """``auto`` or a probability in [0, 1] (argparse type of --threshold)."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1] or auto, got {text!r}")
+    return value
+
+
 def build_parser():
-    p = ArgumentParser(description="Particle coordinates from micrographs: probability map, local maxima "
-                                            "above --threshold, non-maximum suppression at --min-distance.")
+    p = ArgumentParser(description="Particle coordinates from micrographs: probability map, one greedy "
+                                            "non-maximum suppression at --min-distance, sub-cell refinement, "
+                                            "picks above --threshold, files for RELION and cryoSPARC.")
     p.add_argument("--checkpoint", required=True, help="best_model.pt of a CryoEM training run")
     p.add_argument("--micrographs", nargs="+", required=True,
-                   help="micrograph files, folders or glob patterns (.mrc .tif .tiff .png .jpg)")
+                   help="micrograph files, folders or glob patterns (.mrc .tif .tiff .png .jpg); give them "
+                        "relative to a RELION project directory to get paths RELION finds")
     p.add_argument("--output-dir", required=True, help="folder for the coordinate files")
-    p.add_argument("--threshold", type=float_arg(0, 1), default=0.5,
-                   help="keep local maxima with probability >= this (default: %(default)s)")
+    p.add_argument("--threshold", type=threshold_value, default="auto",
+                   help="keep picks with probability >= this; auto = the rule training stored in the checkpoint: "
+                        "the best-F1 threshold on labelled val micrographs, else as many picks as the data's prior "
+                        "says a micrograph holds (default: %(default)s)")
+    p.add_argument("--score-floor", type=float_arg(0, 1), default=DEFAULT_FLOOR,
+                   help="candidates.star keeps every candidate down to this score (or the threshold, when "
+                        "lower), so rethreshold_picks.py can lower the threshold later (default: %(default)s)")
     p.add_argument("--min-distance", type=float_arg(0, low_open=True), default=None,
                    help="smallest distance between two picks in original px (default: the particle radius "
                         "given to preprocess_cryoem.py)")
     p.add_argument("--stride", type=int_arg(1), default=32,
                    help="step of the probability map in px of the downsampled micrograph; must divide 32 in "
                         "dense mode (default: %(default)s)")
+    p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True,
+                   help="move each pick to the peak of a quadratic fitted to the map around it, below the "
+                        "map's cell (default: on)")
+    p.add_argument("--tile-size", type=int_arg(0), default=DEFAULT_TILE,
+                   help="largest side in px (of the downsampled micrograph) of the tiles the dense trunk runs "
+                        "on; bounds memory, the map is the same; 0 = the whole micrograph at once "
+                        "(default: %(default)s: under 2 GiB for a 4096 x 4096 micrograph on the CPU)")
+    p.add_argument("--invert-y", action=argparse.BooleanOptionalAction, default=False,
+                   help="write y as H - 1 - y: for images (JPG/PNG exports) flipped upside down relative to "
+                        "the MRC files RELION or cryoSPARC will extract from (default: off)")
     p.add_argument("--downsample", type=float_arg(1), default=None,
                    help="downsampling factor (default: the one the training data were made with)")
     p.add_argument("--normalize", choices=["zscore", "none"], default=None,
@@ -57,9 +92,9 @@ def build_parser():
     p.add_argument("--box-size", type=int_arg(1), default=None,
                    help="box side written to BOX files, original px (default: the particle diameter)")
     p.add_argument("--overlay", action=argparse.BooleanOptionalAction, default=False,
-                   help="write overlays/<micrograph>.png with the picks drawn (default: off)")
-    p.add_argument("--batch-size", type=int_arg(1), default=256,
-                   help="crops per forward pass in crops mode (default: %(default)s)")
+                   help="write overlays/<tree>/<micrograph>.png: picks in green, candidates below the threshold "
+                        "in grey (default: off)")
+    p.add_argument("--batch-size", type=int_arg(1), default=256, help="crops per forward pass in crops mode (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     return p
 
@@ -68,59 +103,96 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     out = Path(args.output_dir)
-    folders = [out, out / "box"] + ([out / "overlays"] if args.overlay else [])
-    for folder in folders:
-        check_output_dir(folder, "--output-dir")
+    check_output_dir(out, "--output-dir")
     lock = RunLock(out, hint="or choose another --output-dir")
     lock.check()
     device = resolve_device(args.device)
     model, ckpt = load_picker(args.checkpoint, device, args.model)
-    settings = resolve_settings(ckpt, args.checkpoint, args.threshold, args.min_distance, args.downsample,
-                                args.normalize, args.stride, args.mode, args.batch_size)
+    choice = resolve_threshold(ckpt, args.checkpoint, args.threshold)
+    settings = resolve_settings(ckpt, args.checkpoint, choice.value, args.min_distance, args.downsample,
+                                args.normalize, args.stride, args.mode, args.batch_size, args.refine,
+                                args.tile_size or None, args.score_floor)
     paths = list_micrographs(args.micrographs)
-    check_micrographs(paths, settings, ckpt.get("context", 0))  # before anything is written
+    # every micrograph's header (readable, large enough) before anything is written
+    sizes = check_micrographs(paths, settings, window_size(ckpt))
+    entries = micrograph_entries(paths, sizes)
     radius = float((ckpt.get("data_metadata") or {}).get("particle_radius", settings.min_distance))
     box_size = args.box_size or round(2 * radius)
-    for folder in folders:
-        folder.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     lock.acquire()
-    logger = setup_run_logger("pick_particles", out / "picking.log")
     try:
-        lock.tidy(logger, folders[1:])
-        logger.info(f"{args.checkpoint}: backbone {ckpt['backbone']}, patch {settings.patch_size} px, downsample "
-                    f"{settings.downsample:g}, {settings.mode} map at stride {settings.stride}, threshold "
-                    f"{settings.threshold:g}, min distance {settings.min_distance:g} px, device {device}")
-        context = int(ckpt.get("context", 0))
-        if settings.mode == "dense" and context < DENSE_CONTEXT:
-            logger.warning(f"{args.checkpoint} was trained with {context} px of context; its dense map can "
-                           f"differ from its own crop classifier (README, 'Context and dense picking'): use --mode "
-                           f"crops, or preprocess with --context {DENSE_CONTEXT} and retrain")
-        all_picks, per_mic = [], {}
-        for path in progress(paths, desc="picking"):
-            t0 = time.perf_counter()
-            array = read_micrograph(path)
-            picks, _, timing = pick_micrograph(model, array, settings, device, name=path.name)
-            write_box(out / "box" / f"{micrograph_key(path.name)}.box", picks, box_size)
-            if args.overlay:
-                save_png(out / "overlays" / f"{micrograph_key(path.name)}.png", overlay_image(array, picks, radius))
-            seconds = time.perf_counter() - t0
-            per_mic[path.name] = {"n_picks": len(picks), "seconds": seconds, **timing}
-            logger.info(f"{path.name}: {len(picks)} picks in {seconds:.2f} s (map {timing['map_s']:.2f} s)")
-            all_picks.append(picks)
-        picks = pd.concat(all_picks, ignore_index=True)
-        write_star(out / "picks.star", picks)
-        write_csv(out / "picks.csv", picks)
-        total = sum(m["seconds"] for m in per_mic.values())
-        summary = {"checkpoint": str(args.checkpoint), "settings": settings.__dict__, "box_size": box_size,
-                   "device": str(device), "n_micrographs": len(paths), "n_picks": len(picks),
-                   "seconds_per_micrograph": total / len(paths), "micrographs": per_mic}
-        write_json(out / "picking.json", summary)
-        logger.info(f"{len(picks)} picks on {len(paths)} micrographs, {total / len(paths):.2f} s per micrograph "
-                    f"-> {out / 'picks.star'}, picks.csv, box/")
-        return summary
+        stale = remove_stale_staging(out)  # a killed run's temporary folders (safe: we hold the lock)
+        with Staging(out) as staging:
+            logger = setup_run_logger("pick_particles", staging.out_dir / "picking.log")
+            try:
+                lock.tidy(logger)
+                if stale:
+                    logger.info(f"removed the temporary folder(s) of an interrupted run: {', '.join(stale)}")
+                return _pick(args, model, ckpt, device, settings, choice, paths, entries, radius, box_size,
+                             staging, logger)
+            except UserError as exc:
+                logger.error("error: " + " ".join(str(exc).split()), extra={"file_only": True})
+                raise
+            finally:
+                close_run_logger(logger)
     finally:
-        close_run_logger(logger)
         lock.release()
+
+
+def _pick(args, model, ckpt, device, settings, choice, paths, entries, radius, box_size, staging, logger):
+    """Pick every micrograph into ``staging``, then install the files; return picking.json's dict."""
+    out = args.output_dir
+    logger.info(f"{args.checkpoint}: backbone {ckpt['backbone']}, patch {settings.patch_size} px, downsample "
+                f"{settings.downsample:g}, {settings.mode} map at stride {settings.stride}"
+                + (f" in tiles of at most {settings.max_tile} px" if settings.max_tile else "")
+                + f", min distance {settings.min_distance:g} px, refine {'on' if settings.refine else 'off'}, "
+                f"device {device}; candidates down to {settings.candidate_floor:g}"
+                + (", y inverted (H - 1 - y)" if args.invert_y else ""))
+    context = int(ckpt.get("context", 0))
+    if settings.mode == "dense" and context < DENSE_CONTEXT:
+        logger.warning(f"{args.checkpoint} was trained with {context} px of context; its dense map can "
+                       f"differ from its own crop classifier (README, 'Context and dense picking'): use --mode "
+                       f"crops, or preprocess with --context {DENSE_CONTEXT} and retrain")
+    found, per_mic = [], {}
+    for entry, path in progress(list(zip(entries, paths)), desc="picking"):
+        t0 = time.perf_counter()
+        array = read_micrograph(path)
+        if array.shape != (entry.height, entry.width):
+            raise UserError(f"{path}: decoded as {array.shape[1]}x{array.shape[0]} px, but its header says "
+                            f"{entry.width}x{entry.height}")
+        candidates, _, timing = pick_micrograph(model, array, settings, device, name=entry.path)
+        seconds = time.perf_counter() - t0
+        per_mic[entry.key] = {**asdict(entry), "abspath": str(Path(path).resolve()), "n_candidates": len(candidates),
+                              "seconds": seconds, **timing}
+        logger.info(f"{path}: {len(candidates)} candidates in {seconds:.2f} s (map {timing['map_s']:.2f} s)")
+        found.append(candidates)
+    candidates = pd.concat(found, ignore_index=True)
+    if args.invert_y:
+        candidates = flip_y(candidates, {e.key: e.height for e in entries})
+    # numbers as candidates.star stores them (6 decimals): re-thresholding that file gives the same files
+    candidates[["x", "y", "score"]] = candidates[["x", "y", "score"]].round(6)
+    threshold, rule = choice.apply(candidates["score"], [e.height * e.width for e in entries], settings.floor)
+    logger.info(f"threshold {threshold:.4g} ({rule})")
+    picks, counts = write_picks(staging, out, candidates, threshold, entries, box_size)
+    for key, n in counts.items():
+        per_mic[key]["n_picks"] = n
+    if args.overlay:
+        write_overlays(staging, entries, {k: m["abspath"] for k, m in per_mic.items()}, candidates, threshold,
+                       radius, args.invert_y)
+    total = sum(m["seconds"] for m in per_mic.values())
+    summary = {"checkpoint": str(args.checkpoint), "settings": asdict(settings), "threshold": threshold,
+               "threshold_rule": rule, "score_floor": settings.candidate_floor, "box_size": box_size,
+               "invert_y": bool(args.invert_y), "overlays": bool(args.overlay), "particle_radius": radius,
+               "device": str(device), "n_micrographs": len(paths), "n_picks": len(picks),
+               "n_candidates": len(candidates), "seconds_per_micrograph": total / len(paths), "micrographs": per_mic}
+    write_summary_files(staging, candidates, threshold, summary)
+    for line in text_histogram(candidates["score"], threshold):
+        logger.info(f"scores {line}")
+    staging.install()
+    logger.info(f"{len(picks)} picks on {len(paths)} micrographs ({', '.join(map(str, counts.values()))}), "
+                f"{total / len(paths):.2f} s per micrograph -> {out}: autopick.star + {len(entries)} *_autopick.star "
+                f"(RELION), picks.star (cryoSPARC), picks.csv, box/, candidates.star, score_histogram.png")
+    return summary
 
 
 if __name__ == "__main__":

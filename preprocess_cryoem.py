@@ -2,7 +2,7 @@
 
     python preprocess_cryoem.py --micrographs data/micrographs --coordinates particles.star \
         --particle-radius 54 --downsample 2 --patch-size 64 --stride 32 \
-        --labelled-fraction 0.1 --test-micrographs mic_03 mic_04 --output-dir data/my_cryoem
+        --test-micrographs mic_03 mic_04 --output-dir data/my_cryoem
 
 Micrographs: MRC, TIFF, PNG or JPG (files, folders or glob patterns). Coordinates: a RELION
 STAR, EMAN BOX (or a folder of them, one per micrograph) or CSV/TSV file with x/y columns;
@@ -42,9 +42,10 @@ def build_parser():
     p.add_argument("--downsample", type=float_arg(1), default=1.0,
                    help="downsampling factor by area averaging, >= 1 (default: %(default)s = none)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--labelled-fraction", type=float_arg(0, 1, low_open=True), default=0.1,
-                       help="fraction of each training micrograph's particles kept as labelled positives, "
-                            "at least 1 (default: %(default)s); the rest stay unlabelled")
+    group.add_argument("--labelled-fraction", type=float_arg(0, 1, low_open=True), default=1.0,
+                       help="fraction of each training micrograph's annotated particles kept as labelled "
+                            "positives, at least 1; the rest stay unlabelled (default: %(default)s = every "
+                            "particle you picked; a benchmark that hides labels passes e.g. 0.1)")
     group.add_argument("--labelled-count", type=int_arg(1), default=None,
                        help="or: this many labelled particles per training micrograph")
     p.add_argument("--val-micrographs", nargs="+", default=[], metavar="NAME",

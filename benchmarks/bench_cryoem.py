@@ -19,8 +19,10 @@ autotuning; no-ops on the CPU, where the trainer runs in float32). Picking runs 
   read the same DataLoader, so the ratio is the price of the method (expected ~2-3x: a
   teacher forward plus a student forward/backward of about 1.8 batches).
 * Picking at map stride 32 with the trained student (eval mode):
-  - ``dense``: :func:`models.dense.probability_map` mode ``"dense"`` (one trunk pass over the
-    micrograph, window-pooled head), the picker's default;
+  - ``dense``: :func:`utils.particle_picker.pick_micrograph` with the picker's defaults: the
+    dense map (:func:`models.dense.probability_map` mode ``"dense"``: one trunk pass over the
+    micrograph, window-pooled head) in tiles of at most ``--tile-size`` px, then one greedy NMS
+    and the sub-cell refinement of every candidate (what ``pick_particles.py`` runs per micrograph);
   - ``crops``: the same function in mode ``"crops"`` (every patch cut out and classified,
     batched one map row at a time): the repository's reference;
   - ``crop loop``: a plain Python loop over the crops, ``--loop-batch`` at a time (default 1),
@@ -67,14 +69,14 @@ import torch.nn.functional as F
 from datasets.cryoem_dataset_pu import PUBatchSampler
 from datasets.cryoem_preprocess import crops_at, prepare_micrograph
 from datasets.micrographs import read_micrograph
-from models.dense import TRUNK_STRIDE, map_shape, probability_map
+from models.dense import TRUNK_STRIDE, map_shape, probability_map, tile_spans, trunk_reach
 from models.fixmatch_pu import EMATeacher, FixMatchPUModel
 from utils.cryoem_config import default_config
 from utils.cryoem_engine import StepParams, train_one_epoch
 from utils.device import resolve_device
 from utils.errors import UserError, exit_on_user_error
 from utils.fast_path import configure_backends, make_precision, memory_format
-from utils.particle_picker import load_picker
+from utils.particle_picker import DEFAULT_TILE, PickSettings, load_picker, pick_micrograph
 from utils.picking import find_peaks, match_picks
 from utils.seed import seed_everything
 
@@ -137,6 +139,9 @@ def build_parser():
     p.add_argument("--micrograph", default=None,
                    help="with --checkpoint: pick on this micrograph, prepared like the checkpoint's training data "
                         "(default: the generated one)")
+    p.add_argument("--tile-size", type=int, default=DEFAULT_TILE,
+                   help="dense picking's largest tile side in px, as pick_particles.py --tile-size; 0 = untiled "
+                        "(default: %(default)s, the picker's default)")
     p.add_argument("--n-particles", type=int, default=600,
                    help="with --micrograph: about how many particles it holds; sets the pick threshold of the "
                         "dense-vs-crops comparison (default: %(default)s)")
@@ -404,7 +409,7 @@ def _main(argv=None):
     teacher = EMATeacher(student, decay=cfg["model"]["ema_decay"], enabled=cfg["model"]["use_ema"])
     fm_opt = adam(student)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(fm_opt, T_max=steps + args.warmup, eta_min=tr["min_lr"])
-    params = StepParams.from_config(cfg, cfg["loss"]["prior"])
+    params = StepParams.from_config(cfg, 0.3)  # the design document's prior (the work per step does not depend on it)
     # an epoch past every ramp: all loss terms at full weight (the work per step is the same at any epoch)
     epoch_index = max(params.rampup_epochs, params.entropy_start_epoch + params.entropy_rampup_epochs)
     aug = torch.Generator(device=device).manual_seed(args.seed + 1)
@@ -448,15 +453,26 @@ def _main(argv=None):
     loop_size = min(loop_size, size)
     na, nb = map_shape(*image.shape, STRIDE)
 
+    # dense: the picker's own per-micrograph function on the prepared image (downsampling 1, no
+    # normalisation: the image already is the network's input), tiles and refinement on
+    settings = PickSettings(threshold=0.0, min_distance=float(max(radius, STRIDE)), downsample=1.0,
+                            normalization="none", patch_size=ps, stride=STRIDE, mode="dense", refine=True,
+                            max_tile=args.tile_size or None)
+    array = image.cpu().numpy()
+    runs = {"dense": lambda: pick_micrograph(model, array, settings, device)[1],
+            "crops": lambda: probability_map(model, image, ps, STRIDE, "crops")}
     maps, seconds = {}, {"dense": [], "crops": []}
     for mode in seconds:  # warm-up calls
-        probability_map(model, image, ps, STRIDE, mode)
+        runs[mode]()
     for _ in range(s["repeats"]):  # alternating, as the training steps
         for mode in seconds:
-            t, maps[mode] = timed(functools.partial(probability_map, model, image, ps, STRIDE, mode), device)
+            t, maps[mode] = timed(runs[mode], device)
             seconds[mode].append(t)
     dense_s, crops_s = (float(np.median(seconds[mode])) for mode in ("dense", "crops"))
-    dense_map, crop_map = maps["dense"], maps["crops"]
+    dense_map, crop_map = maps["dense"].to(image.device), maps["crops"]
+    padded = ((na - 1) * STRIDE + ps + TRUNK_STRIDE, (nb - 1) * STRIDE + ps + TRUNK_STRIDE)  # as models.dense pads
+    tiles = [len(tile_spans(n, length, ps, getattr(model, "context", 0), settings.max_tile, trunk_reach(model.trunk)))
+             for n, length in zip((na, nb), padded)]
     diff = (dense_map - crop_map).abs()
     agreement = pick_agreement(dense_map, crop_map, n_particles)
 
@@ -473,7 +489,8 @@ def _main(argv=None):
         "backbone": args.backbone, "patch_size": ps, "context": getattr(model, "context", args.context),
         "batch_size": bs, "steps": steps,
         "warmup": args.warmup, "micrograph_size": size, "loop_size": loop_size, "loop_batch": args.loop_batch,
-        "stride": STRIDE, "repeats": s["repeats"], "seed": args.seed,
+        "stride": STRIDE, "repeats": s["repeats"], "seed": args.seed, "tile_size": args.tile_size,
+        "tiles": tiles,
         "supervised_patches_per_s": sup_rate, "fixmatch_patches_per_s": fm_rate,
         "fixmatch_cost_ratio": sup_rate / fm_rate,
         "dense_micrographs_per_s": 1.0 / dense_s, "crops_micrographs_per_s": 1.0 / crops_s,
@@ -498,7 +515,8 @@ def _main(argv=None):
         ("train: FixMatch cost = supervised / FixMatch", _fmt(out["fixmatch_cost_ratio"], 2) + "x",
          "expected ~2-3x"),
         (f"pick: dense (micrographs/s, {mp})", _fmt(out["dense_micrographs_per_s"]),
-         "models.dense mode 'dense'"),
+         f"utils.particle_picker.pick_micrograph: map in {tiles[0]}x{tiles[1]} tile(s) of <= "
+         f"{settings.max_tile or 'any'} px, NMS, refinement"),
         (f"pick: crops, batched per map row (micrographs/s, {mp})", _fmt(out["crops_micrographs_per_s"]),
          "models.dense mode 'crops'"),
         (f"pick: crop loop, {args.loop_batch} crop(s)/pass (micrographs/s, {mp})",

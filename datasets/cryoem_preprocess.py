@@ -149,7 +149,7 @@ class PreprocessOptions:
     context: int = 64
     stride: int = 64
     downsample: float = 1.0
-    labelled_fraction: float = 0.1
+    labelled_fraction: float = 1.0
     labelled_count: int | None = None
     val_micrographs: tuple = ()
     test_micrographs: tuple = ()

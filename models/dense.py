@@ -25,6 +25,16 @@ Two ways to compute it:
   of the input (shift-and-stitch) and interleaves the results. Cost: ``(S/s)^2`` forward
   passes of the trunk over the micrograph, instead of one pass per patch.
 
+Tiles. Densely, the trunk's activations grow with the micrograph (a 4096 x 4096 image at
+ResNet-18's first layer alone is 64 x 2048 x 2048 floats, 1 GiB). With ``max_tile`` the trunk runs
+on overlapping tiles of at most ``max_tile`` px per side instead, each extended by the trunk's
+receptive field (:func:`trunk_reach`) beyond the cells it delivers, and starting on the trunk's
+stride grid; a tile edge inside the micrograph then never reaches a delivered feature, and at
+the micrograph's own edges the tile ends where the whole image does, so each delivered value is
+computed from exactly the inputs (and zero paddings) of the untiled pass: the stitched map is the
+untiled map (to float rounding; tested), and peaks are found once on the stitched map, so no pick
+doubles at a seam.
+
 Why the two can differ: in a crop, every convolution of the trunk pads ITS input with zeros
 at the crop's edge (the image at the first layer, the feature maps deeper down); densely,
 those positions hold real pixels and real features. A ResNet unit's receptive field is larger
@@ -46,6 +56,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 TRUNK_STRIDE = 32  # output stride of a torchvision ResNet trunk (conv1, maxpool, layer2..4)
 MODES = ("dense", "crops")
@@ -66,15 +77,68 @@ def check_geometry(patch_size, stride, trunk_stride=TRUNK_STRIDE):
         raise ValueError(f"the map stride must divide the trunk stride {trunk_stride}, got {stride}")
 
 
+def trunk_reach(trunk):
+    """``(J, lo, hi)``: feature ``o`` of ``trunk``'s output depends on input pixels
+    ``J*o + lo .. J*o + hi`` only (its receptive field, zero padding included), per axis.
+
+    Composed from the convolutions and pooling layers in registration order, which is the order
+    a torchvision ResNet runs them; a residual block's ``downsample`` shortcut sees a subset of its
+    main path's inputs and is skipped. ``J`` is the trunk's output stride.
+    """
+    J, lo, hi = 1, 0, 0
+    for name, module in trunk.named_modules():
+        if "downsample" in name.split(".") or not isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+            continue
+        k, s, p, d = (module.kernel_size, module.stride, module.padding, getattr(module, "dilation", 1))
+        k, s, p, d = (v[0] if isinstance(v, tuple) else v for v in (k, s, p, d))
+        if isinstance(p, str):
+            raise ValueError(f"{name}: padding {p!r} is not supported by trunk_reach")
+        lo, hi, J = lo - J * p, hi + J * (d * (k - 1) - p), J * s
+    return J, lo, hi
+
+
+def tile_spans(n_cells, length, patch_size, context, max_tile, reach, trunk_stride=TRUNK_STRIDE):
+    """Split ``n_cells`` map cells of one axis into tiles: a list of ``(c0, c1, a, b)``, cells
+    ``c0 <= i < c1`` computed from the input span ``a <= x < b`` (of ``length`` px).
+
+    Cell ``i`` pools features ``i + m .. i + m + k - 1`` (``m`` context cells, ``k`` window
+    cells); feature ``o`` needs inputs ``J*o + lo .. J*o + hi`` (``reach``). ``a`` is on the
+    stride grid, and a span that would pass an end of the image stops at it. One tile when
+    ``max_tile`` is None or the whole axis fits.
+    """
+    if max_tile is None or length <= max_tile:
+        return [(0, n_cells, 0, length)]
+    J, lo, hi = reach
+    if J != trunk_stride:
+        raise ValueError(f"the trunk's stride is {J}, expected {trunk_stride}")
+    m = context // trunk_stride
+    k = patch_size // trunk_stride - 2 * m
+
+    def span(c0, c1):
+        a = max(0, (J * (c0 + m) + lo) // J * J)
+        return a, min(length, J * (c1 - 1 + m + k - 1) + hi + 1)
+
+    # the most cells per tile whose span (with its alignment slack) fits in max_tile
+    per_tile = (max_tile - (hi - lo + 1) - (J - 1)) // J - k + 2
+    if per_tile < 1:
+        need = (hi - lo + 1) + (J - 1) + (k - 1) * J
+        raise ValueError(f"a tile of {max_tile} px cannot hold one map cell of this model with its receptive "
+                         f"field; use at least {need} px")
+    n_tiles = math.ceil(n_cells / per_tile)
+    size = math.ceil(n_cells / n_tiles)
+    return [(c0, min(n_cells, c0 + size), *span(c0, min(n_cells, c0 + size))) for c0 in range(0, n_cells, size)]
+
+
 @torch.inference_mode()
 def probability_map(model, image, patch_size, stride=32, mode="dense", batch_size=256,
-                    trunk_stride=TRUNK_STRIDE):
+                    trunk_stride=TRUNK_STRIDE, max_tile=None):
     """Particle probabilities ``[ceil(h/stride), ceil(w/stride)]`` (float32, on the image's device).
 
     ``model`` is a :class:`models.fixmatch_pu.FixMatchPUModel` (``trunk`` + ``head``); it is
     used in eval mode and left in the mode it was in. ``image`` is ``[h, w]`` on the model's
     device. ``mode`` is ``"dense"`` or ``"crops"`` (see the module docstring); ``batch_size``
-    is the number of crops per forward pass in ``"crops"`` mode.
+    is the number of crops per forward pass in ``"crops"`` mode; ``max_tile`` (dense mode; px per
+    side, None = the whole image at once) bounds the trunk's input and so its memory.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -85,8 +149,10 @@ def probability_map(model, image, patch_size, stride=32, mode="dense", batch_siz
     was_training = model.training
     model.eval()
     try:
-        fn = _dense_logits if mode == "dense" else _crop_logits
-        logits = fn(model, image.float(), patch_size, stride, batch_size, trunk_stride)
+        if mode == "dense":
+            logits = _dense_logits(model, image.float(), patch_size, stride, trunk_stride, max_tile)
+        else:
+            logits = _crop_logits(model, image.float(), patch_size, stride, batch_size)
     finally:
         model.train(was_training)
     return torch.sigmoid(logits.float())
@@ -105,7 +171,7 @@ def _padded(image, patch_size, stride, extra):
     return F.pad(image[None, None], (half, right, half, bottom)), na, nb
 
 
-def _crop_logits(model, image, patch_size, stride, batch_size, trunk_stride):
+def _crop_logits(model, image, patch_size, stride, batch_size):
     padded, na, nb = _padded(image, patch_size, stride, extra=0)
     out = torch.empty(na, nb, device=image.device)
     for a in range(na):  # one map row of crops per step, batched
@@ -117,29 +183,36 @@ def _crop_logits(model, image, patch_size, stride, batch_size, trunk_stride):
     return out
 
 
-def _dense_logits(model, image, patch_size, stride, batch_size, trunk_stride):
+def _dense_logits(model, image, patch_size, stride, trunk_stride, max_tile=None):
     # extra margin so that every shifted copy still holds whole trunk windows for all cells
     padded, na, nb = _padded(image, patch_size, stride, extra=trunk_stride)
-    m = getattr(model, "context", 0) // trunk_stride  # feature rows of context on each side
+    context = getattr(model, "context", 0)
+    m = context // trunk_stride  # feature rows of context on each side
     k = patch_size // trunk_stride - 2 * m  # the classified window's feature block is k x k
     if k < 1:
         raise ValueError(f"patch size {patch_size} leaves no window inside a context of {m * trunk_stride} px")
     r = trunk_stride // stride  # shifted copies per axis
+    reach = trunk_reach(model.trunk) if max_tile is not None else None
     linear = model.head[-1]  # Dropout (identity in eval) then Linear(F, 1)
     out = torch.empty(na, nb, device=image.device)
     for dy in range(r):
-        rows = range(dy, na, r)  # cells a = dy + r*i come from this shift
-        if not len(rows):
-            continue
+        rows = len(range(dy, na, r))  # cells a = dy + r*i come from this shift
         for dx in range(r):
-            cols = range(dx, nb, r)
-            if not len(cols):
+            cols = len(range(dx, nb, r))
+            if not rows or not cols:
                 continue
             x = padded[:, :, dy * stride:, dx * stride:]
-            feats = model.trunk(x)  # [1, F, ., .]
-            # window mean of each k x k block; the block of the patch starting at feature i begins
-            # at feature i + m (the context rows come first)
-            pooled = F.avg_pool2d(feats, k, stride=1)[:, :, m:, m:]
-            logits = torch.einsum("bchw,c->bhw", pooled.float(), linear.weight[0].float()) + linear.bias.float()
-            out[dy::r, dx::r] = logits[0, :len(rows), :len(cols)]
+            block = out[dy::r, dx::r]
+            for i0, i1, ya, yb in tile_spans(rows, x.shape[-2], patch_size, context, max_tile, reach, trunk_stride):
+                for j0, j1, xa, xb in tile_spans(cols, x.shape[-1], patch_size, context, max_tile, reach,
+                                                 trunk_stride):
+                    feats = model.trunk(x[:, :, ya:yb, xa:xb])  # [1, F, ., .]
+                    # window mean of each k x k block; the block of the patch starting at feature i
+                    # begins at feature i + m (the context rows come first); this tile's feature 0 is
+                    # the whole image's feature ya / stride
+                    fy, fx = i0 + m - ya // trunk_stride, j0 + m - xa // trunk_stride
+                    pooled = F.avg_pool2d(feats, k, stride=1)[:, :, fy:fy + i1 - i0, fx:fx + j1 - j0]
+                    logits = torch.einsum("bchw,c->bhw", pooled.float(), linear.weight[0].float()) \
+                        + linear.bias.float()
+                    block[i0:i1, j0:j1] = logits[0]
     return out

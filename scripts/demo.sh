@@ -22,14 +22,16 @@ rm -rf experiments/demo_cryoem
 # CryoEM from whole micrographs: preprocess -> train -> pick -> evaluate (mic_03 held out for test)
 M=data/micrographs
 .venv/bin/python preprocess_cryoem.py --micrographs $M/micrographs --coordinates $M/coordinates.star \
-  --particle-radius 10 --patch-size 32 --context 64 --stride 32 --labelled-fraction 0.5 \
+  --particle-radius 10 --patch-size 32 --context 64 --stride 32 \
   --test-micrographs mic_03 --output-dir data/micrographs_pu --overwrite
 rm -rf experiments/demo_micrographs
 .venv/bin/python train_pu_selective_fixmatch.py --config configs/micrographs_demo.yaml --exp-name demo_micrographs
+# picks at the threshold training stored (--threshold auto); candidates.star keeps the whole ranking
 .venv/bin/python pick_particles.py --checkpoint experiments/demo_micrographs/best_model.pt \
-  --micrographs $M/micrographs/mic_03.mrc --output-dir experiments/demo_micrographs/picks --threshold 0 --stride 8 --overlay
-.venv/bin/python evaluate_picks.py --picks experiments/demo_micrographs/picks/picks.star \
-  --reference $M/coordinates.star --radius 10 --threshold 0.5
+  --micrographs $M/micrographs/mic_03.mrc --output-dir experiments/demo_micrographs/picks --stride 8 --overlay
+# F1 at the picking threshold (read from picks/picking.json) beside the best F1 of any threshold
+.venv/bin/python evaluate_picks.py --picks experiments/demo_micrographs/picks/candidates.star \
+  --reference $M/coordinates.star --radius 10
 echo "demo done: ANA in checkpoints/demo_ana{,_single}/ (output.txt, results.json), CryoEM in experiments/demo_cryoem/"
 echo "(train.log, results.json) and experiments/demo_micrographs/ (picks/: picks.star, evaluation.json, overlays/)"
 echo "TensorBoard: tensorboard --logdir checkpoints, tensorboard --logdir experiments"

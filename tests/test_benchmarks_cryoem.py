@@ -23,7 +23,8 @@ def test_tiny_cpu_run_returns_every_number_and_prints_one_table(capsys):
     expected = {"torch", "device", "threads", "backbone", "patch_size", "context", "batch_size", "steps",
                 "micrograph_size", "loop_size", "loop_batch", "stride", *RATES, *RATIOS,
                 "max_abs_prob_diff", "mean_abs_prob_diff", "map_correlation", "pick_threshold", "picks_crops",
-                "picks_dense", "picks_matched", "pick_agreement", "loop_check_max_abs_diff", "seconds"}
+                "picks_dense", "picks_matched", "pick_agreement", "loop_check_max_abs_diff", "seconds", "tile_size",
+                "tiles"}
     assert expected <= set(out), f"missing keys: {sorted(expected - set(out))}"
     assert (out["device"], out["patch_size"], out["batch_size"], out["steps"], out["stride"]) == ("cpu", 32, 5, 2, 32)
     for key in RATES + RATIOS:
@@ -37,6 +38,7 @@ def test_tiny_cpu_run_returns_every_number_and_prints_one_table(capsys):
     assert 0.0 <= out["mean_abs_prob_diff"] <= out["max_abs_prob_diff"] <= 1.0
     assert 0 <= out["picks_matched"] <= min(out["picks_dense"], out["picks_crops"])
     assert out["picks_crops"] >= 1  # the threshold is a value of the crop map, so its maximum is a pick
+    assert out["tiles"] == [1, 1]  # a 128 px micrograph fits one tile of the default size
 
     printed = capsys.readouterr().out
     assert printed.startswith(f"torch {out['torch']} | ") and "device cpu" in printed and "threads" in printed

@@ -25,12 +25,16 @@ import re
 import shutil
 from pathlib import Path
 
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 import torch
 import yaml
 
 import train_pu_selective_fixmatch as entry
 import utils.cryoem_trainer as trainer
+from datasets.cryoem_dataset_pu import load_pu_data
 from datasets.synthetic_cryoem import generate_cryoem_demo
 from models.fixmatch_pu import EMATeacher, FixMatchPUModel
 from utils.metrics import binary_metrics
@@ -207,6 +211,15 @@ def test_results_json_schema_and_test_metrics(full_run):
         assert results["test_at_val_best_f1_threshold"][key] == pytest.approx(at_best[key], abs=1e-5), key
     assert results["val"] == pytest.approx(best["val_metrics"], nan_ok=True)
     assert best["epoch"] == results["best_epoch"]
+
+
+def test_picking_threshold_is_the_best_f1_threshold_of_a_labelled_val_set(full_run):
+    run_dir = full_run["run_dir"]
+    results = json.loads((run_dir / "results.json").read_text())
+    stored = _load(run_dir / "best_model.pt")["picking_threshold"]
+    assert stored["rule"] == "val_best_f1" and stored == results["picking_threshold"]
+    assert stored["value"] == results["val"]["best_f1_threshold"]
+    assert f"picking threshold: val_best_f1 rule {stored['value']:.4f} (best F1" in (run_dir / "train.log").read_text()
 
 
 def test_config_yaml_holds_the_resolved_config(full_run):
@@ -456,6 +469,33 @@ def test_heldout_val_test_and_prior_from_metadata(tmp_path):
     log = (tmp_path / "out" / "held" / "train.log").read_text()
     assert "underestimate the true AUC" in log and "prior 0.25 (from the data's metadata)" in log
     assert _load(tmp_path / "out" / "held" / "last.pt")["split"]["heldout"] == {"val": True, "test": True}
+    assert "WARNING" not in log  # prior auto: nothing to warn about
+    # no labelled val set and no micrograph geometry (patch data): the picking threshold calls the
+    # prior's fraction (0.25) of the unlabelled training windows particles, scored by the saved teacher
+    best = _load(tmp_path / "out" / "held" / "best_model.pt")
+    stored = best["picking_threshold"]
+    assert stored["rule"] == "prior_windows" and stored["prior"] == 0.25 and stored["n_windows"] == 128
+    data_set = load_pu_data(data, split=_load(tmp_path / "out" / "held" / "last.pt")["split"])
+    model = FixMatchPUModel(best["backbone"])
+    model.load_state_dict(best["model"])
+    model.eval()
+    with torch.no_grad():
+        patches = torch.stack([data_set.train[i][0] for i in range(data_set.n_pos, len(data_set.train))])
+        scores = torch.sigmoid(model(patches)).numpy()
+    assert int((scores >= stored["value"] - 1e-6).sum()) == 32  # round(0.25 * 128)
+    assert stored["value"] == pytest.approx(float(np.sort(scores)[::-1][31]), abs=1e-6)
+
+
+def test_a_configured_prior_far_from_the_datas_is_a_loud_warning(tmp_path):
+    data = generate_cryoem_demo(tmp_path / "data", n_pos=40, n_unl=160, n_val=0, n_test=0, patch_size=32,
+                                prior=0.05, seed=2)
+    config = _write_config(tmp_path / "prior.yaml", loss={"prior": 0.3})
+    entry.main(_argv(config, data, tmp_path / "out", exp="far", epochs=1))
+    log = (tmp_path / "out" / "far" / "train.log").read_text()
+    assert "WARNING: loss.prior 0.3 is 6.0x off the prior the data" in log and "(0.05)" in log
+    assert "set loss.prior: auto" in log
+    assert trainer._prior_mismatch(0.1, SimpleNamespace(metadata={"prior": 0.05}, files=[])) is None  # 2x: quiet
+    assert trainer._prior_mismatch(0.024, SimpleNamespace(metadata={"prior": 0.05}, files=[])) is not None
 
 
 # ------------------------------------------------------------------------------- 3. bad input

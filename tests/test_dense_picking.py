@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from datasets.cryoem_preprocess import crops_at, to_original
-from models.dense import check_geometry, map_shape, probability_map
+from models.dense import check_geometry, map_shape, probability_map, tile_spans, trunk_reach
 from models.fixmatch_pu import FixMatchPUModel
 from utils import particle_picker
 from utils.particle_picker import PickSettings, pick_micrograph
@@ -118,7 +118,7 @@ def test_picks_come_back_in_the_original_frame(monkeypatch):
     # a hand-made map with peaks at cells (row a, col b) = (3, 5) and (9, 2), map stride 8,
     # downsampling 2 of a 200 x 240 micrograph (scale 2 on both axes): the cell centres are
     # downsampled pixels (u, v) = (8b, 8a) -> original x = (u + 0.5) * 2 - 0.5
-    def fake_map(model, image, patch_size, stride, mode, batch_size):
+    def fake_map(model, image, patch_size, stride, mode, batch_size, max_tile=None):
         assert image.shape == (100, 120) and stride == 8
         m = torch.zeros(map_shape(100, 120, 8))
         m[3, 5], m[9, 2] = 0.9, 0.7
@@ -126,7 +126,7 @@ def test_picks_come_back_in_the_original_frame(monkeypatch):
 
     monkeypatch.setattr(particle_picker, "probability_map", fake_map)
     settings = PickSettings(threshold=0.5, min_distance=20, downsample=2, normalization="zscore",
-                            patch_size=32, stride=8)
+                            patch_size=32, stride=8, refine=False)
     array = np.random.default_rng(0).normal(size=(200, 240)).astype(np.float32)
     picks, _, _ = pick_micrograph(None, array, settings, torch.device("cpu"), name="m.mrc")
     expect = to_original([[40, 24], [16, 72]], (2, 2))
@@ -134,3 +134,54 @@ def test_picks_come_back_in_the_original_frame(monkeypatch):
     np.testing.assert_allclose(expect, [[80.5, 48.5], [32.5, 144.5]])
     assert list(picks["score"]) == pytest.approx([0.9, 0.7]) and set(picks["micrograph"]) == {"m.mrc"}
     assert isinstance(picks, pd.DataFrame)
+
+
+# ------------------------------------------------------------------------------------- tiles
+
+def test_trunk_reach_is_the_receptive_field():
+    # the local trunk sees its own 32 px block; ResNet-18's receptive field is 435 px, centred on
+    # the feature's block (measured below by perturbing one input pixel)
+    assert trunk_reach(_local_model().trunk) == (32, 0, 31)
+    trunk = FixMatchPUModel("resnet18").trunk.eval()
+    J, lo, hi = trunk_reach(trunk)
+    assert (J, lo, hi) == (32, -217, 217)
+    x = torch.zeros(1, 1, 640, 32)
+    with torch.no_grad():
+        base = trunk(x)[0, :, 10, 0]  # feature 10 <- input rows 320 - 217 .. 320 + 217
+        for row, changes in ((320 + lo, True), (320 + hi, True), (320 + lo - 1, False), (320 + hi + 1, False)):
+            y = x.clone()
+            y[0, 0, row, :] = 5.0
+            assert (trunk(y)[0, :, 10, 0] != base).any().item() is changes, row
+
+
+@pytest.mark.parametrize("patch, stride, shape, context, tile", [
+    (32, 32, (300, 270), 0, 96), (64, 16, (250, 301), 0, 128), (96, 8, (200, 170), 32, 128)])
+def test_tiled_map_equals_untiled_for_a_local_trunk(patch, stride, shape, context, tile):
+    model = _local_model(context=context).eval()
+    img = torch.randn(*shape)
+    whole = probability_map(model, img, patch, stride, "dense")
+    tiled = probability_map(model, img, patch, stride, "dense", max_tile=tile)
+    assert len(tile_spans(whole.shape[0] // (32 // stride), shape[0] + patch + 32, patch, context, tile,
+                          trunk_reach(model.trunk))) >= 2  # really tiled
+    torch.testing.assert_close(tiled, whole, atol=1e-6, rtol=0)
+
+
+def test_tiled_resnet_map_and_picks_equal_untiled():
+    # ResNet-18 with 64 px of context on a 900 x 960 image: 2 x 2 tiles of at most 1000 px whose
+    # seams cross the image; the stitched map equals the whole-image map, and so do the picks
+    torch.manual_seed(0)
+    model = FixMatchPUModel("resnet18", context=64).eval()
+    array = np.random.default_rng(1).normal(size=(900, 960)).astype(np.float32)
+    settings = dict(threshold=0.0, min_distance=40, downsample=1, normalization="none", patch_size=192, stride=32)
+    a, whole, _ = pick_micrograph(model, array, PickSettings(**settings, max_tile=None), torch.device("cpu"))
+    b, tiled, _ = pick_micrograph(model, array, PickSettings(**settings, max_tile=1000), torch.device("cpu"))
+    spans = tile_spans(whole.shape[0], 900 + 192 + 32, 192, 64, 1000, trunk_reach(model.trunk))
+    assert len(spans) == 2 and spans[0][3] > spans[1][2]  # two overlapping row tiles
+    torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=0)
+    assert len(a) > 10
+    pd.testing.assert_frame_equal(a, b, atol=1e-4)
+
+
+def test_tile_too_small_for_the_receptive_field():
+    with pytest.raises(ValueError, match="use at least 466 px"):
+        tile_spans(20, 900, 96, 32, 400, (32, -217, 217))

@@ -59,9 +59,15 @@ def test_outputs_and_numbers(files, capsys):
     assert image.format == "PNG" and image.size == (480, 400) and image.mode == "RGB"
 
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].split() == ["micrograph", "picks", "targets", "P", "R", "F1", "AP", "best", "F1", "@", "thr"]
-    assert lines[1].split() == ["m1", "4", "4", "0.500", "0.500", "0.500", "0.567", "0.667", "@", "0.4"]
-    assert lines[2].split() == ["overall", "4", "4", "0.500", "0.500", "0.500", "0.567", "0.667", "@", "0.4"]
+    assert lines[0].split() == ["micrograph", "picks", "targets", "P", "R", "F1", "AP", "best", "F1", "@", "thr",
+                                "dist", "mean/p90", "px"]
+    # matched at 0.5: 0.9 at 1 px and 0.7 at 2 px from their particles -> mean 1.5, p90 1 + 0.9 = 1.9
+    assert lines[1].split() == ["m1", "4", "4", "0.500", "0.500", "0.500", "0.567", "0.667", "@", "0.4", "1.5", "/",
+                                "1.9"]
+    assert lines[2].split() == ["overall", "4", "4", "0.500", "0.500", "0.500", "0.567", "0.667", "@", "0.4", "1.5",
+                                "/", "1.9"]
+    assert m["distance_mean"] == pytest.approx(1.5) and m["distance_p90"] == pytest.approx(1.9)
+    assert saved["matching"] == "greedy" and saved["invert_y"] is False
     assert len(lines) == 3
 
 
@@ -108,6 +114,8 @@ def run_error(capsys, argv):
     (["--radius", "0"], r"^error: argument --radius: expected a finite number > 0, got '0' \(see .* --help\)$"),
     (["--radius", "nan"], r"^error: argument --radius: expected a finite number > 0, got 'nan'"),
     (["--radius", "5", "--threshold", "inf"], r"^error: argument --threshold: expected a finite number, got 'inf'"),
+    (["--radius", "5", "--invert-y"], r"^error: --invert-y needs each micrograph's height: .*picks.csv has no "
+                                      r"picking.json beside it; pass --micrograph-dir$"),
 ])
 def test_bad_arguments(files, capsys, extra, message):
     picks, reference = files
@@ -136,6 +144,7 @@ def test_bad_files(files, tmp_path, capsys):
 
 def test_parser_defaults():
     args = evaluate_picks.build_parser().parse_args(["--picks", "p", "--reference", "r", "--radius", "3"])
-    assert (args.threshold, args.micrographs, args.output_dir, args.radius) == (0.5, None, None, 3.0)
-    help_text = evaluate_picks.build_parser().format_help()
-    assert "default: 0.5" in help_text
+    assert (args.threshold, args.micrographs, args.output_dir, args.radius) == (None, None, None, 3.0)
+    assert (args.matching, args.invert_y, args.micrograph_dir) == ("greedy", False, None)
+    help_text = " ".join(evaluate_picks.build_parser().format_help().split())
+    assert "else 0.5" in help_text and "(default: greedy)" in help_text

@@ -56,6 +56,23 @@ def test_checkpoint_carries_the_preprocessing(pipeline):
     assert results["data"]["prior"] == pytest.approx(meta["prior"])
 
 
+def test_training_stores_the_threshold_auto_picks_at(pipeline, tmp_path):
+    # the test micrograph is held out and val is a P-vs-U hold-out: the prior rule, as a particle
+    # density (prior / positive-radius disc, original px), applied to the micrograph's area
+    ckpt = torch.load(pipeline["ckpt"], weights_only=True)
+    stored, meta = ckpt["picking_threshold"], ckpt["data_metadata"]
+    assert stored["rule"] == "prior" and stored["prior"] == pytest.approx(meta["prior"])
+    assert stored["particles_per_px"] == pytest.approx(meta["prior"] / (np.pi * meta["positive_radius"] ** 2))
+    summary = pick_particles.main(["--checkpoint", str(pipeline["ckpt"]), "--micrographs", str(pipeline["test_mic"]),
+                                   "--output-dir", str(tmp_path / "auto"), "--stride", "16", "--device", "cpu",
+                                   "--score-floor", "0"])  # every cell is a candidate: more than expected
+    expected = round(stored["particles_per_px"] * SIZE * SIZE)
+    assert summary["threshold_rule"].startswith("auto: prior rule")
+    assert f"{expected} particles expected on 1 micrograph(s)" in summary["threshold_rule"]
+    scores = np.sort(starfile.read(tmp_path / "auto" / "candidates.star")["rlnAutopickFigureOfMerit"])[::-1]
+    assert summary["threshold"] == scores[expected - 1] and summary["n_picks"] == int((scores >= scores[expected - 1]).sum())
+
+
 def test_pick_then_evaluate(pipeline, tmp_path):
     out = tmp_path / "picks"
     summary = pick_particles.main(["--checkpoint", str(pipeline["ckpt"]), "--micrographs", str(pipeline["test_mic"]),
@@ -65,7 +82,7 @@ def test_pick_then_evaluate(pipeline, tmp_path):
     star = starfile.read(out / "picks.star")
     assert list(star.columns) == ["rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY",
                                   "rlnAutopickFigureOfMerit"]
-    assert len(star) == summary["n_picks"] > 0 and set(star["rlnMicrographName"]) == {"mic_03.mrc"}
+    assert len(star) == summary["n_picks"] > 0 and set(star["rlnMicrographName"]) == {str(pipeline["test_mic"])}
     assert star["rlnCoordinateX"].between(0, SIZE).all() and star["rlnCoordinateY"].between(0, SIZE).all()
     assert star["rlnAutopickFigureOfMerit"].is_monotonic_decreasing
     # picks are at least --min-distance (the particle radius) apart
@@ -118,7 +135,7 @@ def test_dense_and_crop_maps_agree(pipeline):
 
 @pytest.mark.parametrize("extra, message", [
     (["--stride", "12"], "--stride 12 with patch size 96"),
-    (["--threshold", "1.5"], "argument --threshold: expected a finite number in [0, 1], got '1.5'"),
+    (["--threshold", "1.5"], "argument --threshold: expected a probability in [0, 1] or auto, got '1.5'"),
     (["--min-distance", "0"], "argument --min-distance: expected a finite number > 0, got '0'"),
 ])
 def test_bad_flags(pipeline, tmp_path, capsys, extra, message):

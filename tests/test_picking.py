@@ -15,7 +15,8 @@ from sklearn import metrics as skm
 
 from utils.errors import UserError
 from utils.figures import CURVE_COLOURS, pr_curve_image
-from utils.picking import evaluate_picks, find_peaks, match_picks, nms, ranking_metrics
+from utils.picking import (evaluate_picks, find_peaks, match_picks, match_targets, nms, prior_threshold,
+                           ranking_metrics, sub_cell_offsets)
 
 
 def table(rows):
@@ -46,20 +47,75 @@ def test_find_peaks_blobs_and_below_threshold():
     assert xy.shape == (0, 2) and scores.shape == (0,)
 
 
-def test_find_peaks_window():
-    # min_distance 2, step 1 -> k = 2, a 5x5 window. Row 1: 0.9 at column 2; 0.8 at column 4 is
-    # inside 0.9's window (2 cells) so it is no peak, although exactly min_distance away;
-    # 0.7 at column 7 is 3 cells from 0.8 and 5 from 0.9: a peak
+def test_find_peaks_one_greedy_nms_no_max_filter():
+    # 0.9 / 0.8 / 0.7 in adjacent cells, minimum distance 1.5 cells: greedy NMS keeps 0.9, drops
+    # 0.8 (1 cell away) and keeps 0.7 (2 cells from 0.9; the DROPPED 0.8 suppresses nothing). A
+    # max-filter before NMS would also have removed 0.7, whose neighbour 0.8 is higher.
+    m = np.zeros((3, 10))
+    m[1, 2], m[1, 3], m[1, 4] = 0.9, 0.8, 0.7
+    xy, scores = find_peaks(m, threshold=0.5, min_distance=1.5)
+    np.testing.assert_array_equal(xy, [[2.0, 1.0], [4.0, 1.0]])
+    np.testing.assert_array_equal(scores, [0.9, 0.7])
+    # exactly min_distance away is not closer: 0.9 at column 2 and 0.8 at column 4, distance 2
     m = np.zeros((3, 10))
     m[1, 2], m[1, 4], m[1, 7] = 0.9, 0.8, 0.7
-    xy, scores = find_peaks(m, threshold=0.5, min_distance=2)
-    np.testing.assert_array_equal(xy, [[2.0, 1.0], [7.0, 1.0]])
-    np.testing.assert_array_equal(scores, [0.9, 0.7])
-    # min_distance below one step still uses a 3x3 window (k = 1): 0.8 is 2 cells away from 0.9
-    # now, so all three are peaks, but 0.6 right above 0.9 (1 px away, > 0.5) is not
-    m[0, 2] = 0.6
-    xy, _ = find_peaks(m, threshold=0.5, min_distance=0.5)
+    xy, _ = find_peaks(m, threshold=0.5, min_distance=2)
     np.testing.assert_array_equal(xy, [[2.0, 1.0], [4.0, 1.0], [7.0, 1.0]])
+    # the distance is round: a diagonal neighbour is sqrt(2) = 1.41 cells away
+    m = np.zeros((5, 5))
+    m[2, 2], m[3, 3] = 0.9, 0.8
+    assert len(find_peaks(m, 0.5, 1.5)[0]) == 1 and len(find_peaks(m, 0.5, 1.4)[0]) == 2
+
+
+def _bump(shape, centre, sigma=(2.0, 1.5), tilt=0.3, top=2.0):
+    """A probability map whose logit is a quadratic cap (elliptical, tilted) peaking at ``centre`` (x, y)."""
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float64)
+    dx, dy = xx - centre[0], yy - centre[1]
+    logit = top - dx ** 2 / (2 * sigma[0] ** 2) - dy ** 2 / (2 * sigma[1] ** 2) + tilt * dx * dy / 4
+    return 1 / (1 + np.exp(-logit))
+
+
+@pytest.mark.parametrize("centre", [(10.3, 7.6), (5.4, 12.45), (15.0, 3.0), (8.77, 9.21)])
+def test_refinement_recovers_a_sub_cell_peak(centre):
+    m = _bump((20, 24), centre)
+    grid, _ = find_peaks(m, threshold=0.5, min_distance=5)
+    xy, scores = find_peaks(m, threshold=0.5, min_distance=5, refine=True)
+    np.testing.assert_allclose(xy[0], centre, atol=1e-9)  # a quadratic logit is fitted exactly
+    np.testing.assert_array_equal(grid[0], np.round(centre))  # the grid cell is the nearest one
+    assert scores[0] == m[int(round(centre[1])), int(round(centre[0]))]  # the score stays the cell's
+    # with a step and an origin the offset is scaled like the cells: x = origin + (col + d) * step
+    xy, _ = find_peaks(m, threshold=0.5, min_distance=20, origin=(3.0, 5.0), step=4.0, refine=True)
+    np.testing.assert_allclose(xy[0], [3.0 + 4 * centre[0], 5.0 + 4 * centre[1]], atol=1e-8)
+
+
+def test_refinement_leaves_flanks_and_borders_on_the_grid():
+    # a kept cell that is not the maximum of its 3 x 3 neighbourhood (0.7 beside the dropped 0.8),
+    # and a peak on the map's border, are not moved; offsets never exceed half a cell
+    m = np.zeros((5, 10))
+    m[2, 2], m[2, 3], m[2, 4] = 0.9, 0.8, 0.7
+    m[0, 8] = 0.95
+    xy, _ = find_peaks(m, threshold=0.5, min_distance=1.5, refine=True)
+    assert [0.95, 0.9, 0.7] == pytest.approx(find_peaks(m, 0.5, 1.5, refine=True)[1])
+    np.testing.assert_array_equal(xy[0], [8.0, 0.0])
+    np.testing.assert_array_equal(xy[2], [4.0, 2.0])
+    assert 2.0 < xy[1][0] <= 2.5 and xy[1][1] == 2.0  # pulled towards 0.8 (right), at most half a cell
+    d_row, d_col = sub_cell_offsets(np.where(m > 0, m, 1e-3), np.array([2]), np.array([2]))
+    assert 0 < d_col[0] <= 0.5 and d_row[0] == pytest.approx(0.0, abs=1e-12)
+    # a maximum whose fitted surface peaks 0.93 cells to the right (its corner cells rise that
+    # way): clipped to half a cell, the grid point nearest a round peak
+    v = np.full((5, 5), 0.01)
+    v[1, 1:4], v[2, 1:4], v[3, 1:4] = [0.1, 0.5, 0.89], [0.5, 0.9, 0.5], [0.1, 0.5, 0.89]
+    d_row, d_col = sub_cell_offsets(v, np.array([2]), np.array([2]))
+    assert d_col[0] == 0.5 and d_row[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_prior_threshold_selects_the_prior_fraction():
+    scores = np.linspace(0, 1, 101)
+    t = prior_threshold(scores, 0.1)
+    assert t == pytest.approx(0.91) and np.sum(scores >= t) == 10  # round(0.1 * 101) = 10 -> the 10th highest
+    assert prior_threshold([0.2, 0.9, 0.4], 0.01) == 0.9  # at least one window
+    with pytest.raises(ValueError):
+        prior_threshold([0.2, np.nan], 0.5)
 
 
 def test_find_peaks_plateaus():
@@ -138,6 +194,43 @@ def test_match_picks_nearest_not_first():
     # equally near targets: the lower index is taken, so the next pick gets the other one
     _, is_tp = match_picks([[5, 0], [5, 0.5]], [0.9, 0.8], [[4, 0], [6, 0]], radius=1.2)
     np.testing.assert_array_equal(is_tp, [True, True])
+
+
+def test_assignment_matching_finds_the_most_pairs():
+    # targets T0 (0,0), T1 (10,0), radius 6. Pick A (5,0) 0.9 is 5 px from both, pick B (-4,0)
+    # 0.8 is 4 px from T0 only. Greedy: A takes T0 (equally near: lower index), B finds T0 taken
+    # -> 1 match. Assignment ignores the scores: A-T1 and B-T0 -> 2 matches.
+    picks, scores, targets = [[5, 0], [-4, 0]], [0.9, 0.8], [[0, 0], [10, 0]]
+    order, target = match_targets(picks, scores, targets, 6)
+    np.testing.assert_array_equal(target, [0, -1])
+    order, target = match_targets(picks, scores, targets, 6, matching="assignment")
+    np.testing.assert_array_equal(order, [0, 1])
+    np.testing.assert_array_equal(target, [1, 0])
+    # among matchings with the most pairs, the least sum of squared distances: a pick 1 px from
+    # T0 and 3 px from T1 beside one 2 px from both takes T0
+    _, target = match_targets([[1, 0], [2, 1.5]], [0.5, 0.9], [[0, 0], [4, 0]], 3, matching="assignment")
+    assert target.tolist() == [1, 0]  # in order: the 0.9 pick -> T1, the 0.5 pick -> T0
+    # exactly at the radius counts; farther never does
+    assert match_targets([[6, 0]], [0.5], [[0, 0]], 6, "assignment")[1].tolist() == [0]
+    assert match_targets([[6.01, 0]], [0.5], [[0, 0]], 6, "assignment")[1].tolist() == [-1]
+    with pytest.raises(ValueError, match="matching must be one of"):
+        match_targets([[0, 0]], [1.0], [[0, 0]], 1, "hungarian")
+
+
+def test_evaluate_assignment_and_matched_distances():
+    reference = table([("m1", 0, 0, np.nan), ("m1", 10, 0, np.nan)])
+    picks = table([("m1", 5, 0, 0.9), ("m1", -4, 0, 0.8)])
+    greedy = evaluate_picks(picks, reference, 6, 0.5)["overall"]
+    best = evaluate_picks(picks, reference, 6, 0.5, matching="assignment")
+    assert best["matching"] == "assignment"
+    assert (greedy["tp"], best["overall"]["tp"]) == (1, 2)
+    # distances of the matched picks at the threshold: 5 and 4 px -> mean 4.5, p90 4 + 0.9 = 4.9
+    assert best["overall"]["distance_mean"] == pytest.approx(4.5)
+    assert best["overall"]["distance_p90"] == pytest.approx(4.9)
+    assert greedy["distance_mean"] == pytest.approx(5.0)
+    # above the threshold 0.85 only the 0.9 pick counts; no match at all gives NaN
+    assert evaluate_picks(picks, reference, 6, 0.85, matching="assignment")["overall"]["distance_mean"] == 5.0
+    assert math.isnan(evaluate_picks(picks, reference, 1, 0.5)["overall"]["distance_mean"])
 
 
 # -------------------------------------------------------------------------- metrics by hand

@@ -62,7 +62,9 @@ DEFAULTS = _freeze({
         "max_open_chunks": 4,
     },
     "loss": {
-        "prior": 0.3,
+        # the data's own estimate (metadata.prior, written by preprocess_cryoem.py); the design
+        # document's 0.3 overrode it silently (0.085 on EMPIAR-10017), see _prior_mismatch
+        "prior": "auto",
         "consistency_threshold": 0.95,
         "lambda_consistency": 1.0,
         "lambda_entropy": 0.01,

@@ -41,6 +41,7 @@ from utils.fast_path import configure_backends, make_precision, maybe_compile, m
 from utils.interrupt import interruption, rerun_command
 from utils.logger import NullSummaryWriter, close_run_logger, git_revision, make_summary_writer, setup_run_logger
 from utils.metrics import binary_metrics
+from utils.picking import prior_threshold
 from utils.results import to_json_safe, write_json
 from utils.run_lock import RunLock
 from utils.seed import rng_state, seed_everything, seed_worker, set_rng_state
@@ -123,6 +124,18 @@ def _resolve_prior(cfg, data):
         raise UserError(f"loss.prior is 'auto' but the data in {data.files[0] if data.files else 'data.data_dir'} "
                         f"has no metadata.prior in (0, 1) (got {meta!r}); set loss.prior to a number")
     return float(meta)
+
+
+def _prior_mismatch(prior, data):
+    """A warning when a configured prior is more than 2x off the data's own estimate, else None."""
+    meta = data.metadata.get("prior") if isinstance(data.metadata, dict) else None
+    if not isinstance(meta, (int, float)) or isinstance(meta, bool) or not 0 < meta < 1:
+        return None
+    if max(prior / meta, meta / prior) <= 2:
+        return None
+    return (f"WARNING: loss.prior {prior:g} is {max(prior / meta, meta / prior):.1f}x off the prior the data in "
+            f"{data.files[0] if data.files else 'data.data_dir'} was made with ({meta:.4g}); the nnPU risk and the "
+            f"picking threshold depend on it: set loss.prior: auto to use the data's")
 
 
 def _check_resume_config(saved, cfg, last_path):
@@ -234,6 +247,9 @@ def _run(cfg, args, state, run_dir, device, info):
                         max_open_chunks=data_cfg["max_open_chunks"],
                         split=state["split"] if state is not None else None, logger=setup_log)
     prior = _resolve_prior(cfg, data)
+    mismatch = _prior_mismatch(prior, data)
+    if mismatch:
+        setup_log.warning(mismatch)
     # training.batch_size is the global batch: each of the W processes takes batch_size / W
     # patches per step, so W processes take the same steps as one (up to per-process BatchNorm)
     batch_size = cfg["training"]["batch_size"]
@@ -482,8 +498,9 @@ def _train(cfg, state, device, data, prior, sampler, student, run_dir, logger, w
 
 
 def _finish(cfg, data, counts, teacher, test_loader, device, run_dir, logger, epochs_run):
-    """Test the best teacher at threshold 0.5 and at val's best-F1 threshold; write results.json."""
-    best = load_checkpoint(run_dir / "best_model.pt", map_location=device)
+    """Test the best teacher at threshold 0.5 and at val's best-F1 threshold; choose the picking
+    threshold and store it in best_model.pt; write results.json."""
+    best = load_checkpoint(run_dir / "best_model.pt", map_location="cpu")
     teacher.model.load_state_dict(best["model"])
     val = best["val_metrics"]
     test = test_at_best = None
@@ -495,8 +512,15 @@ def _finish(cfg, data, counts, teacher, test_loader, device, run_dir, logger, ep
             test_at_best = _metrics(labels, probs, threshold=threshold)
     else:
         logger.info("no test set: results.json has no test metrics")
+    picking = _picking_threshold(teacher.model, data, best.get("prior"), val, device, cfg)
+    best["picking_threshold"] = picking
+    save_checkpoint(best, run_dir / "best_model.pt")
+    logger.info(f"picking threshold: {picking['rule']} rule"
+                + (f" {picking['value']:.4f}" if "value" in picking else "") + f" ({picking['why']}), stored in "
+                f"{run_dir / 'best_model.pt'} for pick_particles.py --threshold auto")
     results = {"best_epoch": int(best["epoch"]), "epochs_run": int(epochs_run), "heldout": bool(data.heldout),
-               "val": val, "test": test, "test_at_val_best_f1_threshold": test_at_best, "data": counts}
+               "val": val, "test": test, "test_at_val_best_f1_threshold": test_at_best,
+               "picking_threshold": picking, "data": counts}
     write_json(run_dir / "results.json", results)
     if test is not None:
         logger.info(f"test (best epoch {results['best_epoch']}, teacher) | auc {_fmt(test['auc'])} ap {_fmt(test['ap'])} "
@@ -505,3 +529,49 @@ def _finish(cfg, data, counts, teacher, test_loader, device, run_dir, logger, ep
                        if test_at_best is not None else ""))
     logger.info(f"results in {run_dir / 'results.json'}")
     return {**to_json_safe(results), "run_dir": str(run_dir)}  # what results.json holds (NaN -> None)
+
+
+# at most this many unlabelled training patches are scored for the prior rule (a seeded subset)
+MAX_THRESHOLD_PATCHES = 20000
+
+
+def _picking_threshold(model, data, prior, val, device, cfg):
+    """How ``pick_particles.py --threshold auto`` picks, as a dict (``rule``, ``why``, and the rule's numbers).
+
+    * ``val_best_f1``: ``value`` = the best-F1 threshold on a LABELLED val set (``val.pt``: held-out
+      micrographs whose every particle is annotated), when there is one with both classes;
+    * ``prior`` (data made from micrographs by preprocess_cryoem.py): otherwise (val is a
+      positive-vs-unlabelled hold-out, whose F1 is biased by the particles hidden among the
+      unlabelled) the prior says how many particles a micrograph holds: the fraction ``prior`` of
+      windows lies within ``positive_radius`` of a particle, i.e. ``particles_per_px = prior /
+      (pi * positive_radius^2)`` per original px^2 (Topaz's estimate, inverted); picking then keeps
+      that many picks per micrograph area, i.e. the threshold is the score of the last of them
+      (utils/particle_picker.py). It is fixed on the dense map's own peaks, because a window's
+      score and a peak's differ (a peak is the best of its neighbourhood, and for a small window
+      the dense map is not the crop classifier, models/dense.py);
+    * ``prior_windows`` (patch data without micrograph geometry): ``value`` = the score above which
+      the fraction ``prior`` of the unlabelled training windows lies
+      (:func:`utils.picking.prior_threshold`).
+    """
+    if val is not None and not data.val.heldout and math.isfinite(val.get("best_f1_threshold", math.nan)):
+        return {"value": float(val["best_f1_threshold"]), "rule": "val_best_f1", "val_best_f1": val["best_f1"],
+                "why": f"best F1 {val['best_f1']:.3f} on the labelled val set"}
+    meta = data.metadata if isinstance(data.metadata, dict) else {}
+    radius = meta.get("positive_radius")
+    if isinstance(radius, (int, float)) and not isinstance(radius, bool) and radius > 0:
+        density = float(prior) / (math.pi * float(radius) ** 2)
+        return {"rule": "prior", "prior": float(prior), "positive_radius": float(radius), "particles_per_px": density,
+                "why": f"prior {prior:.3g} of windows within {radius:g} px of a particle: {density * 1e6:.3g} "
+                       f"particles per million px, as many picks per micrograph"}
+    n_unl, n_pos = data.train.n_unl, data.train.n_pos
+    index = torch.arange(n_pos, n_pos + n_unl)
+    if n_unl > MAX_THRESHOLD_PATCHES:
+        generator = torch.Generator().manual_seed(int(cfg["training"]["seed"]))
+        index = index[torch.randperm(n_unl, generator=generator)[:MAX_THRESHOLD_PATCHES]]
+    subset = torch.utils.data.Subset(data.train, index.tolist())
+    loader = _loader(subset, device, cfg["data"]["num_workers"], cfg["training"]["seed"],
+                     batch_size=2 * cfg["training"]["batch_size"])
+    _, scores = evaluate(model, loader, device, desc="threshold")
+    value = prior_threshold(scores.numpy(), prior)
+    return {"value": value, "rule": "prior_windows", "prior": float(prior), "n_windows": len(index),
+            "why": f"the top {prior:.3g} (the prior) of {len(index)} unlabelled training windows score above it"}

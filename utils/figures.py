@@ -55,14 +55,8 @@ def pr_curve_image(curves, title="", size=(480, 400)):
     precision up y; each curve is a line in its own colour (a one-point curve is a dot), listed
     in a legend at the lower left (where PR curves rarely go). Curves are drawn in the order given.
     """
+    img, draw, font, (left, top, plot_w, plot_h) = _canvas(size)
     width, height = size
-    font = ImageFont.load_default()
-    left, right, top, bottom = 44, 12, 28, 36
-    plot_w, plot_h = width - left - right, height - top - bottom
-    if plot_w < 10 or plot_h < 10:
-        raise ValueError(f"size {size} leaves no room for the plot")
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
 
     def to_px(r, p):
         return left + r * plot_w, top + (1 - p) * plot_h
@@ -79,9 +73,7 @@ def pr_curve_image(curves, title="", size=(480, 400)):
             draw.text((left - 26, y - 6), f"{v:.1f}", fill="black", font=font)
     draw.text((left + plot_w // 2 - 18, height - 16), "recall", fill="black", font=font)
     draw.text((2, 4), "precision", fill="black", font=font)
-    if title:
-        title = str(title)
-        draw.text((left + (plot_w - draw.textlength(title, font=font)) / 2, 4), title, fill="black", font=font)
+    _title(draw, font, title, left, plot_w)
 
     for n, (label, (recall, precision)) in enumerate(curves.items()):
         colour = CURVE_COLOURS[n % len(CURVE_COLOURS)]
@@ -112,3 +104,56 @@ def save_png(path, image):
     """Write ``image`` (a Pillow image or a uint8 ``[H, W, 3]`` array) as a PNG, atomically."""
     img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
     atomic_write(path, lambda f: img.save(f, format="PNG"))
+
+
+def histogram_image(values, threshold=None, bins=50, title="", size=(480, 320)):
+    """Render a histogram of ``values`` (scores in 0..1) as ``[H, W, 3]`` uint8, ``size`` = (W, H).
+
+    ``bins`` equal bins over [0, 1]; bar heights on a square-root scale (so a long tail of low
+    scores does not flatten the rest; the axis is labelled with counts); ``threshold`` (when
+    given) is a red vertical line, and the bars at or above it are drawn in green.
+    """
+    img, draw, font, (left, top, plot_w, plot_h) = _canvas(size)
+    width, height = size
+    counts, edges = np.histogram(np.asarray(values, dtype=np.float64).reshape(-1), bins=bins, range=(0.0, 1.0))
+    peak = max(int(counts.max()), 1)
+    scale = plot_h / np.sqrt(peak)
+    for lo, hi, n in zip(edges[:-1], edges[1:], counts):
+        if n == 0:
+            continue
+        x0, x1 = left + lo * plot_w, left + hi * plot_w
+        colour = (44, 160, 44) if threshold is not None and lo >= threshold else (150, 150, 150)
+        draw.rectangle([x0, top + plot_h - np.sqrt(n) * scale, max(x0, x1 - 1), top + plot_h], fill=colour)
+    draw.line([(left, top), (left, top + plot_h), (left + plot_w, top + plot_h)], fill="black")
+    for i in range(0, 11, 2):
+        x = left + i / 10 * plot_w
+        draw.text((x - 8, top + plot_h + 4), f"{i / 10:.1f}", fill="black", font=font)
+    for n in sorted({1, peak // 4, peak}):
+        if n >= 1:
+            y = top + plot_h - np.sqrt(n) * scale
+            draw.text((2, y - 6), str(n), fill="black", font=font)
+    draw.text((left + plot_w // 2 - 14, height - 16), "score", fill="black", font=font)
+    if threshold is not None and np.isfinite(threshold):
+        x = left + float(np.clip(threshold, 0, 1)) * plot_w
+        draw.line([(x, top), (x, top + plot_h)], fill=(214, 39, 40), width=2)
+    _title(draw, font, title, left, plot_w)
+    return np.asarray(img)
+
+
+def _canvas(size):
+    """A white ``size`` = (W, H) image with its drawer, font and plot box ``(left, top, width, height)``
+    inside the margins that hold the axis labels and the title."""
+    width, height = size
+    left, right, top, bottom = 44, 12, 28, 36
+    plot_w, plot_h = width - left - right, height - top - bottom
+    if plot_w < 10 or plot_h < 10:
+        raise ValueError(f"size {size} leaves no room for the plot")
+    img = Image.new("RGB", (width, height), "white")
+    return img, ImageDraw.Draw(img), ImageFont.load_default(), (left, top, plot_w, plot_h)
+
+
+def _title(draw, font, title, left, plot_w):
+    """The title centred above the plot box (nothing for an empty title)."""
+    if title:
+        title = str(title)
+        draw.text((left + (plot_w - draw.textlength(title, font=font)) / 2, 4), title, fill="black", font=font)

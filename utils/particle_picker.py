@@ -2,9 +2,11 @@
 
 One micrograph: read -> downsample + normalise exactly as the training patches were made
 (the checkpoint's ``data_metadata``, written by preprocess_cryoem.py) -> probability map
-(:func:`models.dense.probability_map`) -> local maxima above a threshold + non-maximum
-suppression (:func:`utils.picking.find_peaks`) -> centres in the ORIGINAL micrograph's pixel
-frame (:func:`datasets.cryoem_preprocess.to_original`), whatever the downsampling.
+(:func:`models.dense.probability_map`, in tiles of bounded size) -> every cell above the score
+floor, one greedy non-maximum suppression and sub-cell refinement (:func:`utils.picking.find_peaks`)
+-> candidates in the ORIGINAL micrograph's pixel frame (:func:`datasets.cryoem_preprocess.to_original`),
+whatever the downsampling. The picks are the candidates whose score reaches the threshold:
+``--threshold auto`` takes the one training stored in the checkpoint (:func:`resolve_threshold`).
 """
 from __future__ import annotations
 
@@ -25,10 +27,19 @@ from utils.errors import UserError
 from utils.picking import find_peaks
 
 
+# Default largest tile side (px of the downsampled micrograph) for the dense trunk: ResNet-18 on a
+# 4096 x 4096 micrograph at downsampling 1 then peaks below 2 GiB on the CPU (README, "Memory").
+DEFAULT_TILE = 3072
+# Candidates are kept down to this score (or the threshold, when lower), for re-thresholding.
+DEFAULT_FLOOR = 0.01
+
+
 @dataclass(frozen=True)
 class PickSettings:
-    """How to pick; distances in original micrograph pixels, ``stride`` in downsampled pixels."""
-    threshold: float
+    """How to pick; distances in original micrograph pixels, ``stride`` and ``max_tile`` in
+    downsampled pixels. ``threshold``: a number, or None while it waits for the candidates
+    (:class:`ThresholdChoice`)."""
+    threshold: float | None
     min_distance: float
     downsample: float
     normalization: str
@@ -36,6 +47,14 @@ class PickSettings:
     stride: int = 32
     mode: str = "dense"
     batch_size: int = 256
+    refine: bool = True
+    max_tile: int | None = DEFAULT_TILE
+    floor: float = DEFAULT_FLOOR
+
+    @property
+    def candidate_floor(self):
+        """The lowest score a candidate keeps: the floor, or the threshold when that is lower."""
+        return self.floor if self.threshold is None else min(self.floor, self.threshold)
 
 
 def load_picker(path, device, which="model"):
@@ -58,9 +77,57 @@ def load_picker(path, device, which="model"):
     return model.to(device).eval(), ckpt
 
 
+@dataclass(frozen=True)
+class ThresholdChoice:
+    """The picking threshold, or how to fix it once a run's candidates are known.
+
+    ``value``: the threshold (None: set by the expected number of particles, ``particles_per_px``
+    per original px^2, see :meth:`apply`); ``rule``: how it was chosen, for the log.
+    """
+    value: float | None
+    rule: str
+    particles_per_px: float | None = None
+
+    def apply(self, scores, areas, floor=0.0):
+        """``(threshold, rule)`` for a run whose candidates have ``scores`` on micrographs of ``areas``
+        (original px^2): ``value``, or the score of the ``k``-th best candidate, ``k`` = the expected
+        number of particles ``round(particles_per_px * sum(areas))`` (at least 1), so that the run keeps
+        as many picks as the prior says there are (all candidates, and ``floor``, when there are fewer)."""
+        if self.value is not None:
+            return float(self.value), self.rule
+        k = max(1, int(round(self.particles_per_px * float(sum(areas)))))
+        ranked = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
+        rule = f"{self.rule}; {k} particles expected on {len(areas)} micrograph(s): the score of the {k}th best candidate"
+        if len(ranked) < k:
+            return (float(ranked[-1]) if len(ranked) else float(floor)), rule + f" (only {len(ranked)} candidates)"
+        return float(ranked[k - 1]), rule
+
+
+def resolve_threshold(ckpt, path, threshold):
+    """A :class:`ThresholdChoice`: ``threshold`` itself (a number), or for ``"auto"`` the rule training
+    stored in the checkpoint (``picking_threshold``, see utils/cryoem_trainer.py)."""
+    if threshold != "auto":
+        return ThresholdChoice(float(threshold), "given by --threshold")
+    stored = ckpt.get("picking_threshold")
+    if not isinstance(stored, dict):
+        raise UserError(f"{path}: holds no picking threshold (trained before thresholds were stored); pass "
+                        f"--threshold T, e.g. evaluate_picks.py's best-F1 threshold on an annotated micrograph")
+    rule = f"auto: {stored.get('rule', '?')} rule, {stored.get('why', '')}".rstrip(", ")
+    density = stored.get("particles_per_px")
+    if isinstance(density, (int, float)) and not isinstance(density, bool) and density > 0:
+        return ThresholdChoice(None, rule, float(density))
+    if not isinstance(stored.get("value"), (int, float)):
+        raise UserError(f"{path}: its picking_threshold holds neither a value nor particles_per_px; pass --threshold T")
+    return ThresholdChoice(float(stored["value"]), rule)
+
+
 def resolve_settings(ckpt, path, threshold, min_distance=None, downsample=None, normalization=None, stride=32,
-                     mode="dense", batch_size=256):
-    """Fill what the flags leave open from the checkpoint's ``data_metadata``; UserError naming the flag."""
+                     mode="dense", batch_size=256, refine=True, max_tile=DEFAULT_TILE, floor=DEFAULT_FLOOR):
+    """Fill what the flags leave open from the checkpoint's ``data_metadata``; UserError naming the flag.
+
+    ``threshold`` is a number, or None when it is fixed later from the candidates (see
+    :func:`resolve_threshold`); ``max_tile`` None means untiled.
+    """
     meta = ckpt.get("data_metadata") or {}
     if downsample is None:
         downsample = meta.get("downsample", 1.0)
@@ -77,8 +144,10 @@ def resolve_settings(ckpt, path, threshold, min_distance=None, downsample=None, 
         raise UserError(f"--normalize is {normalization!r}, expected one of {', '.join(NORMALIZATIONS)}")
     if not min_distance > 0:
         raise UserError(f"--min-distance is {min_distance!r}, expected a positive number of pixels")
-    if not 0 <= threshold <= 1:
-        raise UserError(f"--threshold is {threshold!r}, expected a probability in [0, 1]")
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise UserError(f"--threshold is {threshold!r}, expected a probability in [0, 1] or auto")
+    if not 0 <= floor <= 1:
+        raise UserError(f"--score-floor is {floor!r}, expected a probability in [0, 1]")
     patch_size = int(ckpt["patch_size"])
     if mode == "dense":
         try:
@@ -87,17 +156,27 @@ def resolve_settings(ckpt, path, threshold, min_distance=None, downsample=None, 
             raise UserError(f"--stride {stride} with patch size {patch_size}: {exc}") from None
     elif stride < 1:
         raise UserError(f"--stride is {stride!r}, expected a positive number of pixels")
-    return PickSettings(threshold=float(threshold), min_distance=float(min_distance), downsample=float(downsample),
+    if max_tile is not None and max_tile < patch_size:
+        raise UserError(f"--tile-size is {max_tile!r}, expected at least the patch size {patch_size} px (or 0 for "
+                        f"no tiling)")
+    return PickSettings(threshold=None if threshold is None else float(threshold), min_distance=float(min_distance), downsample=float(downsample),
                         normalization=normalization, patch_size=patch_size, stride=int(stride), mode=mode,
-                        batch_size=int(batch_size))
+                        batch_size=int(batch_size), refine=bool(refine), max_tile=max_tile, floor=float(floor))
 
 
-def check_micrographs(paths, settings, context=0):
-    """Read every micrograph once before anything is written; a :class:`UserError` names the first
-    that cannot be picked: unreadable, NaN/infinite or constant pixels (see
-    :func:`datasets.micrographs.read_micrograph`), or smaller than the model's classified window
-    (``patch_size - 2 * context`` px) after downsampling, as preprocess_cryoem.py refuses it."""
-    window = settings.patch_size - 2 * int(context)
+def window_size(ckpt):
+    """Side of the classified window in downsampled px (the patch without its context)."""
+    meta = ckpt.get("data_metadata") or {}
+    return int(meta.get("window_size", int(ckpt["patch_size"]) - 2 * int(ckpt.get("context", 0))))
+
+
+def check_micrographs(paths, settings, window):
+    """``{path: (H, W)}``, reading every micrograph once before anything is written; a
+    :class:`UserError` names the first that cannot be picked: unreadable, NaN/infinite or constant
+    pixels (see :func:`datasets.micrographs.read_micrograph`), or smaller than the model's
+    classified ``window`` (px, see :func:`window_size`) after downsampling, as preprocess_cryoem.py
+    refuses it."""
+    sizes = {}
     for path in paths:
         H, W = read_micrograph(path).shape
         h, w = downsampled_shape((H, W), settings.downsample)
@@ -105,6 +184,8 @@ def check_micrographs(paths, settings, context=0):
             raise UserError(f"{path}: {W}x{H} px, {w}x{h} after downsampling by {settings.downsample:g}, is smaller "
                             f"than the model's {window} px window; expected at least {window} px per side after "
                             f"downsampling")
+        sizes[path] = (H, W)
+    return sizes
 
 
 def _sync(device):
@@ -113,20 +194,24 @@ def _sync(device):
 
 
 def pick_micrograph(model, array, settings, device, name=""):
-    """Picks of one micrograph array ``[H, W]``: ``(DataFrame micrograph,x,y,score, prob map, timing dict)``.
+    """Candidates of one micrograph array ``[H, W]``: ``(DataFrame micrograph,x,y,score, prob map, timing dict)``.
 
-    Rows are sorted by descending score; x, y are in the original pixel frame.
+    Every candidate scores at least ``settings.candidate_floor``; the picks at the threshold are
+    those with ``score >= settings.threshold`` (greedy NMS decides each candidate from higher-scored
+    ones only, so they are exactly the picks of a run at that threshold). Rows are sorted by
+    descending score; x, y are in the original pixel frame.
     """
     t0 = time.perf_counter()
     image, scale = prepare_micrograph(array, settings.downsample, settings.normalization, device=device)
     _sync(device)
     t1 = time.perf_counter()
-    prob = probability_map(model, image, settings.patch_size, settings.stride, settings.mode, settings.batch_size)
+    prob = probability_map(model, image, settings.patch_size, settings.stride, settings.mode, settings.batch_size,
+                           max_tile=settings.max_tile if settings.mode == "dense" else None)
     _sync(device)
     t2 = time.perf_counter()
     # peaks in map cells (one cell = stride downsampled px), then to the original frame
     cell = settings.stride * min(scale)
-    ab, scores = find_peaks(prob.cpu(), settings.threshold, settings.min_distance / cell)
+    ab, scores = find_peaks(prob.cpu(), settings.candidate_floor, settings.min_distance / cell, refine=settings.refine)
     uv = np.asarray(ab, dtype=np.float64).reshape(-1, 2) * settings.stride  # (col, row) in downsampled px
     xy = to_original(uv, scale)
     t3 = time.perf_counter()

@@ -1,21 +1,28 @@
 """Particle picking: peaks of a probability map, and picks scored against reference coordinates.
 
 Coordinates are particle centres in original micrograph pixels, x = column, y = row of the
-array as read (see datasets/micrographs.py); no flips anywhere.
+array as read (see datasets/micrographs.py); no flips here.
 
-Matching rule (used by :func:`match_picks` and :func:`evaluate_picks`): picks are taken in
-descending score order (stable, so equal scores keep their input order) and each one is matched
-to the NEAREST still-unmatched reference particle within ``radius`` (distance <= radius); a
-reference particle is matched at most once, and a pick that finds none is a false positive.
-The matching is done once, at the lowest threshold; the picks above a threshold are a prefix of
-the ranking, so the precision/recall of every threshold is a point of the same PR curve.
+Matching rules (used by :func:`match_picks` and :func:`evaluate_picks`), one to one within
+``radius`` (distance <= radius) on each micrograph:
+
+* ``greedy`` (default): picks are taken in descending score order (stable, so equal scores keep
+  their input order) and each one is matched to the NEAREST still-unmatched reference particle;
+  a pick that finds none is a false positive.
+* ``assignment``: an optimal matching that ignores the scores, as Topaz's precision-recall tool
+  (Bepler et al. 2019): as many pairs as possible, and among those the smallest sum of squared
+  distances (``scipy.optimize.linear_sum_assignment``). A low-scored pick can then hold a particle
+  that a high-scored one would have taken, which greedy matching never does.
+
+The matching is done once, on all picks; the picks above a threshold are a prefix of the ranking,
+so the precision/recall of every threshold is a point of the same PR curve.
 """
 import logging
 import math
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage
+from scipy.optimize import linear_sum_assignment
 from scipy.spatial import cKDTree
 
 from datasets.micrographs import micrograph_key
@@ -70,56 +77,135 @@ def nms(xy, scores, min_distance):
     return np.asarray(kept, dtype=np.int64)
 
 
-def find_peaks(prob_map, threshold, min_distance, origin=(0.0, 0.0), step=1.0):
+def find_peaks(prob_map, threshold, min_distance, origin=(0.0, 0.0), step=1.0, refine=False):
     """Particle centres from a 2-D probability map: ``(xy [N, 2] float64, scores [N] float64)``.
 
     ``prob_map`` is a numpy array or torch tensor ``[h, w]``; its cell ``(a, b)`` (row, column)
     lies at ``x = origin[0] + b * step``, ``y = origin[1] + a * step`` in original micrograph
     pixels (e.g. ``step`` = the network's stride, ``origin`` = the centre of the first window).
-    A cell is a peak when its value is ``>= threshold`` and ``>=`` every value of the
-    ``(2k+1) x (2k+1)`` cells around it (cells outside the map are ignored), where
-    ``k = max(1, floor(min_distance / step))``. Peaks then go through :func:`nms` with
-    ``min_distance`` in original pixels, so plateaus (several equal cells) give no two peaks
-    closer than ``min_distance``. NaN cells are never peaks. Returned by descending score
-    (equal scores in row-major order of the map).
+    Every cell with a value ``>= threshold`` is a candidate, and the candidates go through one
+    greedy non-maximum suppression (:func:`nms`: by descending value, equal values in row-major
+    order of the map; a candidate is dropped when a KEPT one lies closer than ``min_distance``
+    original px, a round distance). A cell that NMS drops therefore suppresses nothing: with
+    0.9 / 0.8 / 0.7 in three adjacent cells and a minimum distance of 1.5 cells, 0.9 and 0.7 are
+    kept. NaN cells are never candidates. Returned by descending score.
+
+    ``refine``: each candidate that is a maximum of its full 3 x 3 neighbourhood (map border cells
+    are not refined) moves to the peak of a quadratic surface fitted to the map's logit there
+    (:func:`sub_cell_offsets`), at most half a cell per axis, before the NMS (so the distances it
+    enforces hold between the positions returned); its score stays the cell's value.
     """
     values = _to_numpy(prob_map).astype(np.float64)
     if values.ndim != 2:
         raise ValueError(f"expected a 2-D probability map [h, w], got shape {values.shape}")
     if step <= 0:
         raise ValueError(f"step must be > 0, got {step}")
-    values = np.where(np.isnan(values), -np.inf, values)
-    k = max(1, math.floor(min_distance / step))
-    # 'nearest' pads with values of the map itself, so the maximum is over in-map cells only
-    local_max = ndimage.maximum_filter(values, size=2 * k + 1, mode="nearest")
-    rows, cols = np.nonzero((values >= local_max) & (values >= threshold) & np.isfinite(values))
+    rows, cols = np.nonzero(np.isfinite(values) & (values >= threshold))  # row-major order
     scores = values[rows, cols]
-    xy = np.stack([origin[0] + cols * float(step), origin[1] + rows * float(step)], axis=1).astype(np.float64)
-    keep = nms(xy, scores, min_distance)
-    return xy[keep].reshape(-1, 2), scores[keep]
+    dr, dc = sub_cell_offsets(values, rows, cols) if refine else (0.0, 0.0)
+    # NMS on the positions written out, so that no two picks are closer than min_distance
+    xy = np.stack([origin[0] + (cols + dc) * float(step), origin[1] + (rows + dr) * float(step)], axis=1)
+    keep = nms(xy.reshape(-1, 2), scores, min_distance)
+    return xy.astype(np.float64).reshape(-1, 2)[keep], scores[keep]
+
+
+# Least-squares fit of f(x, y) = c0 + c1 x + c2 y + c3 x^2 + c4 y^2 + c5 x y to the 3 x 3 cells
+# around a peak (x = column offset, y = row offset in -1..1), as one fixed linear map.
+_DY, _DX = (g.ravel().astype(np.float64) for g in np.meshgrid([-1, 0, 1], [-1, 0, 1], indexing="ij"))
+_QUADRATIC_FIT = np.linalg.pinv(np.stack([np.ones(9), _DX, _DY, _DX ** 2, _DY ** 2, _DX * _DY], axis=1))
+
+
+def sub_cell_offsets(values, rows, cols, eps=1e-6):
+    """Sub-cell position of the peaks at cells ``(rows, cols)`` of the map ``values [h, w]``:
+    ``(d_row, d_col)`` arrays, each in ``[-0.5, 0.5]`` cells.
+
+    The map's logit ``log(p / (1 - p))`` (probabilities clipped to ``[eps, 1 - eps]``) is fitted
+    by a quadratic surface over the 3 x 3 cells around each peak (least squares, 6 coefficients
+    from 9 values); the offset is the surface's vertex when the fit is a cap (negative definite),
+    otherwise the vertex of each axis's own parabola where that one opens downwards, else 0. A
+    logit that is a quadratic (e.g. a Gaussian bump under a sigmoid) is recovered exactly; the
+    vertex is clipped to half a cell, because a cell that is the maximum of its neighbourhood is
+    the grid point nearest a round peak. Cells that are not the maximum of their full 3 x 3
+    neighbourhood (map border, flank of a larger peak) get offset 0.
+    """
+    rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+    d_row, d_col = np.zeros(len(rows)), np.zeros(len(rows))
+    h, w = values.shape
+    inside = (rows >= 1) & (rows < h - 1) & (cols >= 1) & (cols < w - 1)
+    if not inside.any():
+        return d_row, d_col
+    p = np.clip(values, eps, 1 - eps)
+    logit = np.log(p) - np.log1p(-p)
+    r, c = rows[inside], cols[inside]
+    patch = logit[r[:, None] + _DY.astype(np.int64)[None], c[:, None] + _DX.astype(np.int64)[None]]  # [n, 9]
+    is_max = (patch.max(axis=1) <= patch[:, 4]) & np.isfinite(patch).all(axis=1)
+    c1, c2, c3, c4, c5 = (patch @ _QUADRATIC_FIT.T)[:, 1:].T
+    det = 4 * c3 * c4 - c5 ** 2
+    cap = (c3 < 0) & (det > 0)
+    safe = np.where(cap, det, 1.0)
+    x = np.where(cap, (c2 * c5 - 2 * c1 * c4) / safe, np.where(c3 < 0, -c1 / (2 * np.where(c3 < 0, c3, -1.0)), 0.0))
+    y = np.where(cap, (c1 * c5 - 2 * c2 * c3) / safe, np.where(c4 < 0, -c2 / (2 * np.where(c4 < 0, c4, -1.0)), 0.0))
+    d_col[inside] = np.where(is_max, np.clip(x, -0.5, 0.5), 0.0)
+    d_row[inside] = np.where(is_max, np.clip(y, -0.5, 0.5), 0.0)
+    return d_row, d_col
+
+
+def prior_threshold(scores, prior):
+    """The threshold that calls the fraction ``prior`` of ``scores`` positive: the ``k``-th highest
+    score, ``k = max(1, round(prior * n))`` (``score >= threshold`` then selects ``k`` of the ``n``
+    windows, more only on ties). With a perfect ranking of unlabelled windows this keeps exactly
+    the particles among them, as many as the class prior says there are.
+    """
+    scores = np.sort(np.asarray(scores, dtype=np.float64).reshape(-1))[::-1]
+    if len(scores) == 0 or not np.isfinite(scores).all():
+        raise ValueError(f"expected finite scores, got {len(scores)} values")
+    if not 0 < prior < 1:
+        raise ValueError(f"prior must be in (0, 1), got {prior!r}")
+    k = max(1, int(round(prior * len(scores))))
+    return float(scores[k - 1])
 
 
 # ---------------------------------------------------------------------------------- matching
 
-def match_picks(pred_xy, pred_scores, true_xy, radius):
+MATCHINGS = ("greedy", "assignment")
+
+
+def match_picks(pred_xy, pred_scores, true_xy, radius, matching="greedy"):
     """Match picks to reference particles of ONE micrograph; return ``(order, is_tp)``.
 
     ``order = np.argsort(-pred_scores, kind="stable")`` (descending score, ties in input order)
-    and ``is_tp[j]`` (bool) tells whether pick ``order[j]`` was matched. Greedy in that order:
-    each pick takes the nearest still-unmatched reference particle with distance ``<= radius``
-    (equally near ones: the lowest index); one-to-one, so a second pick on a particle is a false
-    positive. Greedy by score is not a maximum matching: a high-scored pick between two particles
-    takes the nearer one even when that leaves a lower-scored pick without a partner.
+    and ``is_tp[j]`` (bool) tells whether pick ``order[j]`` was matched (see :func:`match_targets`
+    for the rules).
     """
+    order, target = match_targets(pred_xy, pred_scores, true_xy, radius, matching)
+    return order, target >= 0
+
+
+def match_targets(pred_xy, pred_scores, true_xy, radius, matching="greedy"):
+    """``(order, target)``: ``target[j]`` is the index of the reference particle pick ``order[j]`` is
+    matched to, -1 for none; ``order`` as in :func:`match_picks`.
+
+    ``greedy``: in ``order``, each pick takes the nearest still-unmatched reference particle with
+    distance ``<= radius`` (equally near ones: the lowest index); one-to-one, so a second pick on a
+    particle is a false positive. Greedy by score is not a maximum matching: a high-scored pick
+    between two particles takes the nearer one even when that leaves a lower-scored pick without a
+    partner. ``assignment``: a maximum matching within ``radius`` (most pairs), with the least sum
+    of squared distances among those; scores are not used.
+    """
+    if matching not in MATCHINGS:
+        raise ValueError(f"matching must be one of {MATCHINGS}, got {matching!r}")
     pred_xy = np.asarray(pred_xy, dtype=np.float64).reshape(-1, 2)
     pred_scores = np.asarray(pred_scores, dtype=np.float64).reshape(-1)
     true_xy = np.asarray(true_xy, dtype=np.float64).reshape(-1, 2)
     if len(pred_xy) != len(pred_scores):
         raise ValueError(f"expected one score per pick, got {len(pred_xy)} picks and {len(pred_scores)} scores")
     order = np.argsort(-pred_scores, kind="stable")
-    is_tp = np.zeros(len(order), dtype=bool)
+    target = np.full(len(order), -1, dtype=np.int64)
     if len(order) == 0 or len(true_xy) == 0:
-        return order, is_tp
+        return order, target
+    if matching == "assignment":
+        target[:] = _assignment(pred_xy[order], true_xy, radius)
+        return order, target
     tree = cKDTree(true_xy)
     candidates = tree.query_ball_point(pred_xy[order], _widened(radius))
     taken = np.zeros(len(true_xy), dtype=bool)
@@ -132,8 +218,32 @@ def match_picks(pred_xy, pred_scores, true_xy, radius):
         best = int(np.argmin(d))  # first of equally near ones = the lowest index
         if d[best] <= radius:
             taken[near[best]] = True
-            is_tp[j] = True
-    return order, is_tp
+            target[j] = near[best]
+    return order, target
+
+
+def _assignment(pred_xy, true_xy, radius):
+    """Target index per pick (-1: none) of a maximum matching within ``radius`` with the least sum
+    of squared distances among maximum matchings.
+
+    A pair within the radius costs ``d^2 / r^2 - (n + 1)`` (in ``[-(n + 1), -n]``, n = the most
+    pairs possible), any other 0: ``k + 1`` pairs then always cost less than ``k``, so the
+    minimum-cost assignment has the most pairs, and among those the smallest sum of ``d^2``.
+    """
+    d = np.hypot(pred_xy[:, None, 0] - true_xy[None, :, 0], pred_xy[:, None, 1] - true_xy[None, :, 1])
+    within = d <= radius
+    target = np.full(len(pred_xy), -1, dtype=np.int64)
+    rows_used = np.flatnonzero(within.any(axis=1))  # picks (and targets) with no partner in reach stay out
+    cols_used = np.flatnonzero(within.any(axis=0))
+    if len(rows_used) == 0:
+        return target
+    n = min(len(rows_used), len(cols_used))
+    sub_d, sub_within = d[np.ix_(rows_used, cols_used)], within[np.ix_(rows_used, cols_used)]
+    cost = np.where(sub_within, (sub_d / radius) ** 2 - (n + 1), 0.0)
+    r, c = linear_sum_assignment(cost)
+    ok = sub_within[r, c]
+    target[rows_used[r[ok]]] = cols_used[c[ok]]
+    return target
 
 
 def _f1(precision, recall):
@@ -216,7 +326,15 @@ def _rows_by_key(keys):
     return pd.Series(keys, dtype=object).groupby(keys, sort=False).indices if len(keys) else {}
 
 
-def evaluate_picks(picks, reference, radius, threshold, micrographs=None):
+def _distance_stats(distances):
+    """``distance_mean`` and ``distance_p90`` (px) of matched picks; NaN when there are none."""
+    d = np.asarray(distances, dtype=np.float64)
+    if len(d) == 0:
+        return {"distance_mean": math.nan, "distance_p90": math.nan}
+    return {"distance_mean": float(d.mean()), "distance_p90": float(np.percentile(d, 90))}
+
+
+def evaluate_picks(picks, reference, radius, threshold, micrographs=None, matching="greedy"):
     """Score ``picks`` against ``reference`` per micrograph and overall; return a JSON-ready dict.
 
     Both are coordinate tables (columns micrograph, x, y, score; the reference's score is
@@ -225,9 +343,10 @@ def evaluate_picks(picks, reference, radius, threshold, micrographs=None):
     given (each must be in the reference; one without picks counts with zero picks), otherwise the
     keys present in ``picks`` (a warning names reference micrographs left out; every picks key
     must be in the reference). Picks are matched per micrograph only (see the module docstring:
-    greedy by descending score, nearest unmatched target within ``radius``), so a pick never
-    matches a particle of another micrograph; the overall ranking pools the scores of all
-    evaluated micrographs. Picks must all have a score or all have none (NaN); see
+    ``matching``, greedy by default), so a pick never matches a particle of another micrograph; the
+    overall ranking pools the scores of all evaluated micrographs. ``distance_mean`` /
+    ``distance_p90``: the mean and 90th percentile of the distances from the matched picks at
+    ``threshold`` to their particles (how exactly picks are centred). Picks must all have a score or all have none (NaN); see
     :func:`ranking_metrics` for the metrics and for picks without scores.
 
     Returns ``{"radius", "threshold", "overall": M, "per_micrograph": {key: M}}``, M as in
@@ -275,18 +394,25 @@ def evaluate_picks(picks, reference, radius, threshold, micrographs=None):
     ref_xy = reference[["x", "y"]].to_numpy(dtype=np.float64)
     pick_rows, ref_rows = _rows_by_key(pick_keys), _rows_by_key(ref_keys)
     none = np.array([], dtype=np.int64)
-    per_micrograph, pooled_scores, pooled_tp, n_targets_total = {}, [], [], 0
+    per_micrograph, pooled_scores, pooled_tp, pooled_dist, n_targets_total = {}, [], [], [], 0
     for key in evaluated:
         mine, theirs = pick_rows.get(key, none), ref_rows.get(key, none)
         scores = pick_scores[mine] if scored else np.zeros(len(mine))
-        order, is_tp = match_picks(pick_xy[mine], scores, ref_xy[theirs], radius)
+        order, target = match_targets(pick_xy[mine], scores, ref_xy[theirs], radius, matching)
+        is_tp = target >= 0
+        # distance of each matched pick (in ranking order) at the threshold to its particle
+        kept = is_tp & ((scores[order] >= threshold) if scored else True)
+        dist = np.hypot(*(pick_xy[mine][order][kept] - ref_xy[theirs][target[kept]]).T) if kept.any() else []
         n_targets = len(theirs)
-        per_micrograph[key] = ranking_metrics(scores[order], is_tp, n_targets, threshold, scored=scored)
+        per_micrograph[key] = {**ranking_metrics(scores[order], is_tp, n_targets, threshold, scored=scored),
+                               **_distance_stats(dist)}
         pooled_scores.append(scores[order])
         pooled_tp.append(is_tp)
+        pooled_dist.append(np.asarray(dist, dtype=np.float64))
         n_targets_total += n_targets
     scores, is_tp = np.concatenate(pooled_scores), np.concatenate(pooled_tp)
     order = np.argsort(-scores, kind="stable")
-    overall = ranking_metrics(scores[order], is_tp[order], n_targets_total, threshold, scored=scored, curve=True)
-    return {"radius": float(radius), "threshold": float(threshold), "overall": overall,
+    overall = {**ranking_metrics(scores[order], is_tp[order], n_targets_total, threshold, scored=scored, curve=True),
+               **_distance_stats(np.concatenate(pooled_dist))}
+    return {"radius": float(radius), "threshold": float(threshold), "matching": matching, "overall": overall,
             "per_micrograph": per_micrograph}
