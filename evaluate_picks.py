@@ -8,7 +8,7 @@ reads them and says which columns it used). Micrographs are matched by name with
 image suffix. Within each micrograph picks and reference particles are matched one to one within
 --radius pixels: greedily by descending score (default) or by an optimal assignment that ignores
 the scores (--matching assignment, as Topaz's precision-recall tool); the precision/recall of
-every threshold is a point of the same PR curve (utils/picking.py).
+every threshold is a point of the same PR curve (utils/picking/matching.py).
 
 Picks written by pick_particles.py carry a picking.json beside them: it gives the default
 --threshold (the one the picks were made at), the micrographs that were picked (one without any
@@ -28,9 +28,9 @@ from datasets.micrographs import list_micrographs, micrograph_key, micrograph_sh
 from utils.checks import check_output_dir, float_arg
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.figures import pr_curve_image, save_png
-from utils.pick_outputs import CANDIDATES_NAME, SUMMARY_NAME, flip_y
-from utils.picking import MATCHINGS, evaluate_picks
-from utils.results import write_json
+from utils.picking.outputs import CANDIDATES_NAME, SUMMARY_NAME, flip_y
+from utils.picking.matching import MATCHINGS, evaluate_picks
+from utils.io import write_json
 
 
 def build_parser():

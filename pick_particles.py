@@ -3,7 +3,7 @@
     python pick_particles.py --checkpoint experiments/my_run/best_model.pt \
         --micrographs MotionCorr/job002/Movies/*.mrc --output-dir picks --overlay
 
-Writes to --output-dir (utils/pick_outputs.py has the layout): one <micrograph>_autopick.star per
+Writes to --output-dir (utils/picking/outputs.py has the layout): one <micrograph>_autopick.star per
 micrograph in a folder tree that mirrors the micrographs' paths and the autopick.star index
 (RELION 4/5: Extract's input coordinates), picks.star (every pick, _rlnMicrographName = the path as
 given; cryoSPARC's Import Particle Stack), picks.csv, box/<tree>/<micrograph>.box (EMAN),
@@ -27,9 +27,9 @@ from utils.checks import check_output_dir, float_arg, int_arg
 from utils.device import resolve_device
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.logger import close_run_logger, progress, setup_run_logger
-from utils.particle_picker import (DEFAULT_FLOOR, DEFAULT_TILE, check_micrographs, load_picker, pick_micrograph,
+from utils.picking.picker import (DEFAULT_FLOOR, DEFAULT_TILE, check_micrographs, load_picker, pick_micrograph,
                                    resolve_settings, resolve_threshold, window_size)
-from utils.pick_outputs import (Staging, remove_stale_staging, flip_y, micrograph_entries, text_histogram, write_overlays, write_picks,
+from utils.picking.outputs import (Staging, remove_stale_staging, flip_y, micrograph_entries, text_histogram, write_overlays, write_picks,
                                 write_summary_files)
 from utils.run_lock import RunLock
 

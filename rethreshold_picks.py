@@ -19,7 +19,7 @@ from datasets.micrographs import micrograph_shape, read_coordinates
 from utils.checks import check_output_dir, float_arg
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.logger import close_run_logger, setup_run_logger
-from utils.pick_outputs import (CANDIDATES_NAME, SUMMARY_NAME, Staging, entries_from_summary, text_histogram,
+from utils.picking.outputs import (CANDIDATES_NAME, SUMMARY_NAME, Staging, entries_from_summary, text_histogram,
                                 write_overlays, write_picks, write_summary_files)
 from utils.run_lock import RunLock
 

@@ -3,7 +3,7 @@
     python train_pu_selective_fixmatch.py --config configs/pu_selective_fixmatch.yaml \
         --exp-name my_experiment --data-dir /path/to/data --batch-size 32 --epochs 100
 
-Settings come from the YAML config (utils/cryoem_config.py holds the defaults and checks);
+Settings come from the YAML config (utils/cryoem/config.py holds the defaults and checks);
 the flags below override it. Outputs go to <output-dir>/<exp-name>/: config.yaml, train.log,
 TensorBoard events, best_model.pt (EMA teacher with the best val AUC), last.pt (--resume)
 and results.json (test metrics of the best model). See SPEC_CRYOEM.md.
@@ -11,8 +11,8 @@ and results.json (test metrics of the best model). See SPEC_CRYOEM.md.
 import argparse
 from pathlib import Path
 
-from utils.cryoem_config import apply_cli_overrides, load_config
-from utils.cryoem_trainer import run
+from utils.cryoem.config import apply_cli_overrides, load_config
+from utils.cryoem.train import run
 from utils.checks import SEED_MAX, int_arg
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.interrupt import rerun_command

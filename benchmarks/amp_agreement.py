@@ -3,7 +3,7 @@
     python benchmarks/amp_agreement.py                 # CPU: bf16 autocast forced on
     python benchmarks/amp_agreement.py --device cuda   # GPU: the trainer's own AMP choice
 
-Runs ``train_pu_selective_fixmatch.py``'s training (``utils.cryoem_trainer.run``) on the CryoEM
+Runs ``train_pu_selective_fixmatch.py``'s training (``utils.cryoem.train.run``) on the CryoEM
 demo data (``make_demo_data.py --family cryoem``, written to ``--data-dir`` when missing) with
 ``training.amp`` false and true, same seed, and prints the test metrics of both and their
 differences. On a GPU the trainer picks bf16 (or fp16 with loss scaling) itself. On the CPU the
@@ -22,10 +22,10 @@ if __package__ in (None, ""):  # run as a file: make the repository's packages i
 
 from datasets.synthetic_cryoem import generate_cryoem_demo  # noqa: E402
 from utils import cryoem_trainer  # noqa: E402
-from utils.cryoem_config import default_config  # noqa: E402
+from utils.cryoem.config import default_config  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
 from utils.errors import exit_on_user_error  # noqa: E402
-from utils.fast_path import make_precision  # noqa: E402
+from utils.precision import make_precision  # noqa: E402
 
 KEYS = ("auc", "ap", "precision", "recall", "f1", "best_f1")
 

@@ -63,7 +63,7 @@ from utils.ana.epoch import BatchPreprocessor, EpochSetup, bag_max, predict, tra
 from utils.ana.train import _loader, load_splits, weight_lr
 from utils.device import resolve_device
 from utils.errors import exit_on_user_error
-from utils.fast_path import configure_backends, make_precision, memory_format
+from utils.precision import configure_backends, make_precision, memory_format
 from utils.seed import seed_everything
 
 # main.py's full model (config.py and the README: "the recommended full model")

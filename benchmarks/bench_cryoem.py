@@ -9,7 +9,7 @@ Everything is measured in the same process on the same generated data, model (``
 autotuning; no-ops on the CPU, where the trainer runs in float32). Picking runs in float32, as
 ``pick_particles.py`` does:
 
-* Training. The selective FixMatch step is :func:`utils.cryoem_engine.train_one_epoch`, the
+* Training. The selective FixMatch step is :func:`utils.cryoem.epoch.train_one_epoch`, the
   trainer's own epoch function (weak + strong augmentation on the device, EMA-teacher forward
   on the weak unlabelled views, one student forward of both views, nnPU + consistency +
   entropy objective, clipping, Adam, cosine step, EMA update), driven by the trainer's
@@ -19,7 +19,7 @@ autotuning; no-ops on the CPU, where the trainer runs in float32). Picking runs 
   read the same DataLoader, so the ratio is the price of the method (expected ~2-3x: a
   teacher forward plus a student forward/backward of about 1.8 batches).
 * Picking at map stride 32 with the trained student (eval mode):
-  - ``dense``: :func:`utils.particle_picker.pick_micrograph` with the picker's defaults: the
+  - ``dense``: :func:`utils.picking.picker.pick_micrograph` with the picker's defaults: the
     dense map (:func:`models.dense.probability_map` mode ``"dense"``: one trunk pass over the
     micrograph, window-pooled head) in tiles of at most ``--tile-size`` px, then one greedy NMS
     and the sub-cell refinement of every candidate (what ``pick_particles.py`` runs per micrograph);
@@ -30,9 +30,9 @@ autotuning; no-ops on the CPU, where the trainer runs in float32). Picking runs 
     top-left ``--loop-size`` square of the micrograph only; its rate per map cell is scaled to
     the full micrograph (labelled "scaled" in the table).
   ``max |p_dense - p_crops|`` is over all map cells. "Equal picks": peaks of both maps with
-  :func:`utils.picking.find_peaks` at one threshold (the crop map's value that leaves as many
+  :func:`utils.picking.peaks.find_peaks` at one threshold (the crop map's value that leaves as many
   cells above it as there are particles) and a 3 x 3 cell neighbourhood, then matched one to
-  one (:func:`utils.picking.match_picks`) within 1.5 cells (a neighbouring cell, diagonals
+  one (:func:`utils.picking.matching.match_picks`) within 1.5 cells (a neighbouring cell, diagonals
   included). The two maps differ where a crop's trunk sees zero padding and the dense trunk
   real neighbours (models/dense.py); with the default 64 px of context (two cells of the last
   feature map) a trained model's maps agree closely (EMPIAR-10017, ``--checkpoint``: mean
@@ -71,13 +71,14 @@ from datasets.cryoem_preprocess import crops_at, prepare_micrograph
 from datasets.micrographs import read_micrograph
 from models.dense import TRUNK_STRIDE, map_shape, probability_map, tile_spans, trunk_reach
 from models.fixmatch_pu import EMATeacher, FixMatchPUModel
-from utils.cryoem_config import default_config
-from utils.cryoem_engine import StepParams, train_one_epoch
+from utils.cryoem.config import default_config
+from utils.cryoem.epoch import StepParams, train_one_epoch
 from utils.device import resolve_device
 from utils.errors import UserError, exit_on_user_error
-from utils.fast_path import configure_backends, make_precision, memory_format
-from utils.particle_picker import DEFAULT_TILE, PickSettings, load_picker, pick_micrograph
-from utils.picking import find_peaks, match_picks
+from utils.precision import configure_backends, make_precision, memory_format
+from utils.picking.picker import DEFAULT_TILE, PickSettings, load_picker, pick_micrograph
+from utils.picking.peaks import find_peaks
+from utils.picking.matching import match_picks
 from utils.seed import seed_everything
 
 STRIDE = 32               # picking map stride (px), the setting and the picker's default
@@ -376,7 +377,7 @@ def _main(argv=None):
     print(f"{args.backbone}, patch {ps} px (context {args.context}), batch {bs}, {steps} timed + {args.warmup} "
           f"warm-up steps | picking {size}x{size} at stride {STRIDE}, crop loop on {loop_size}x{loop_size} "
           f"in batches of {args.loop_batch}, {s['repeats']} timed calls | seed {args.seed}", flush=True)
-    # the trainer's fast path (utils/cryoem_trainer.py), the same for both training steps
+    # the trainer's fast path (utils/cryoem/train.py), the same for both training steps
     precision, fmt = make_precision(device, args.amp), memory_format(device, args.channels_last)
     configure_backends(device)
     print(f"training precision {precision.describe()}, channels-last {'on' if fmt == torch.channels_last else 'off'} "
@@ -511,11 +512,11 @@ def _main(argv=None):
     print()
     print_table([
         ("train: supervised step (patches/s)", _fmt(sup_rate, 1), f"BCE + Adam, {steps} steps of {bs}"),
-        ("train: selective FixMatch step (patches/s)", _fmt(fm_rate, 1), "utils.cryoem_engine.train_one_epoch"),
+        ("train: selective FixMatch step (patches/s)", _fmt(fm_rate, 1), "utils.cryoem.epoch.train_one_epoch"),
         ("train: FixMatch cost = supervised / FixMatch", _fmt(out["fixmatch_cost_ratio"], 2) + "x",
          "expected ~2-3x"),
         (f"pick: dense (micrographs/s, {mp})", _fmt(out["dense_micrographs_per_s"]),
-         f"utils.particle_picker.pick_micrograph: map in {tiles[0]}x{tiles[1]} tile(s) of <= "
+         f"utils.picking.picker.pick_micrograph: map in {tiles[0]}x{tiles[1]} tile(s) of <= "
          f"{settings.max_tile or 'any'} px, NMS, refinement"),
         (f"pick: crops, batched per map row (micrographs/s, {mp})", _fmt(out["crops_micrographs_per_s"]),
          "models.dense mode 'crops'"),

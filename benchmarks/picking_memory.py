@@ -6,7 +6,7 @@
 Each setting runs in its own Python process (peak RSS is a per-process high-water mark): build
 the classifier (``--backbone``, a ``--window`` px window with ``--context`` px of context, random
 weights: memory does not depend on them), generate a ``--size`` x ``--size`` micrograph, then call
-:func:`utils.particle_picker.pick_micrograph` (what pick_particles.py runs per micrograph: the
+:func:`utils.picking.picker.pick_micrograph` (what pick_particles.py runs per micrograph: the
 dense map in tiles of at most ``--tile-size`` px, NMS, refinement) once. The process reports its
 resident set size before picking and its peak (``ru_maxrss``) after; the difference is what
 picking costs. Prints one table and returns the numbers; nothing about memory is asserted.
@@ -27,7 +27,7 @@ import torch
 
 from models.fixmatch_pu import FixMatchPUModel
 from utils.errors import UserError, exit_on_user_error
-from utils.particle_picker import DEFAULT_TILE, PickSettings, pick_micrograph
+from utils.picking.picker import DEFAULT_TILE, PickSettings, pick_micrograph
 
 MIB = 1024 * 1024
 

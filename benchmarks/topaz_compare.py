@@ -10,7 +10,7 @@
 Topaz (GPL, https://github.com/tbepler/topaz, ``pip install topaz-em``) is only run as a
 program through ``subprocess``; none of its code is here. It gets the same labelled positives as
 our picker (``--labelled``: the few particles a user clicked on the training micrographs) and its
-picks are scored with our matching (``utils.picking.evaluate_picks``: greedy by score, nearest
+picks are scored with our matching (``utils.picking.matching.evaluate_picks``: greedy by score, nearest
 unmatched reference centre within ``--radius`` px, per micrograph; AP as Topaz defines it).
 
 Steps and the facts of Topaz 0.3.20 they rely on:
@@ -295,8 +295,8 @@ def _main(argv=None):
 
     from datasets.micrographs import list_micrographs, micrograph_key, read_coordinates, read_micrograph, write_csv
     from utils.errors import UserError
-    from utils.picking import evaluate_picks
-    from utils.results import write_json
+    from utils.picking.matching import evaluate_picks
+    from utils.io import write_json
 
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:

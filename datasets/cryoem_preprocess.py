@@ -59,7 +59,7 @@ from datasets.micrographs import (check_coordinates, list_micrographs, micrograp
 from utils.checkpoint import save_checkpoint
 from utils.checks import check_output_dir
 from utils.errors import UserError
-from utils.results import to_json_safe, write_json
+from utils.io import to_json_safe, write_json
 from utils.run_lock import RunLock
 
 NORMALIZATIONS = ("zscore", "none")

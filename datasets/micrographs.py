@@ -28,7 +28,7 @@ import pandas as pd
 import starfile
 from PIL import Image
 
-from utils.checkpoint import atomic_write
+from utils.io import atomic_write
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from datasets.ana import CachedTileDataset, build_tile_cache, build_tileset, rea
 from utils.ana.epoch import bag_max
 from utils.early_stopping import EarlyStopping
 from utils.errors import UserError
-from utils.results import ResultsFile
+from utils.io import ResultsFile
 
 
 def _write_images(tmp_path, sizes):

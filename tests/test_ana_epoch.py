@@ -65,7 +65,7 @@ def test_float16_loss_scaling_leaves_the_network_and_weight_steps_unchanged():
     # the same step in float32 and with a float16 GradScaler (CPU autocast): the scaled
     # gradients must be unscaled for both the network (GradScaler) and the instance weights
     # (by hand), so both get the float32 gradient and take the float32 step
-    from utils.fast_path import Precision
+    from utils.precision import Precision
     idx = torch.tensor([0, 1])
     results = []
     for precision in (None, Precision(dtype=torch.float16, device_type="cpu",

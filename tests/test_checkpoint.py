@@ -5,7 +5,8 @@ import stat
 import pytest
 import torch
 
-from utils.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.io import atomic_write
 from utils.errors import UserError
 
 

@@ -1,4 +1,4 @@
-"""utils.cryoem_config: defaults, YAML < CLI precedence, every validation error, dump/load."""
+"""utils.cryoem.config: defaults, YAML < CLI precedence, every validation error, dump/load."""
 import argparse
 import os
 import re
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from utils.cryoem_config import (DEFAULTS, apply_cli_overrides, default_config, dump_config,
+from utils.cryoem.config import (DEFAULTS, apply_cli_overrides, default_config, dump_config,
                                  load_config, validate_config)
 from utils.errors import UserError
 
@@ -419,6 +419,6 @@ def test_every_float_key_refuses_non_finite_values(tmp_path, section, key, value
 
 
 def test_the_float_key_list_is_complete():
-    from utils.cryoem_config import _CHECKS
+    from utils.cryoem.config import _CHECKS
     floats = {(s, k) for s, checks in _CHECKS.items() for k, c in checks.items() if getattr(c, "kind", "") == "float"}
     assert floats | {("loss", "prior")} == set(FLOAT_KEYS)

@@ -33,7 +33,7 @@ import torch
 import yaml
 
 import train_pu_selective_fixmatch as entry
-import utils.cryoem_trainer as trainer
+import utils.cryoem.train as trainer
 from datasets.cryoem_dataset_pu import load_pu_data
 from datasets.synthetic_cryoem import generate_cryoem_demo
 from models.fixmatch_pu import EMATeacher, FixMatchPUModel
@@ -354,7 +354,7 @@ def test_resume_of_a_finished_run_changes_nothing(full_run, tmp_path):
 def test_selective_false_nan_loss_and_extending_a_finished_run(demo_data, tmp_path, capsys, monkeypatch):
     """Standard FixMatch for 1 epoch; --resume --epochs 2 hits a NaN loss (one error line naming
     epoch and step, last.pt of epoch 1 intact); --resume again extends the run to epoch 2."""
-    import utils.cryoem_engine as engine
+    import utils.cryoem.epoch as engine
 
     config = _write_config(tmp_path / "standard.yaml", loss={"selective": False})
     out = tmp_path / "out"

@@ -9,7 +9,7 @@ from datasets.cryoem_preprocess import crops_at, to_original
 from models.dense import check_geometry, map_shape, probability_map, tile_spans, trunk_reach
 from models.fixmatch_pu import FixMatchPUModel
 from utils import particle_picker
-from utils.particle_picker import PickSettings, pick_micrograph
+from utils.picking.picker import PickSettings, pick_micrograph
 
 
 def _local_model(seed=0, features=6, context=0):

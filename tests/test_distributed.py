@@ -11,7 +11,7 @@ import yaml
 
 from datasets.cryoem_dataset_pu import PUBatchSampler
 from datasets.synthetic_cryoem import generate_cryoem_demo
-from utils.cryoem_config import default_config
+from utils.cryoem.config import default_config
 from utils.distributed import DistInfo, mean_over_processes
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,10 +16,10 @@ import train_pu_selective_fixmatch
 from datasets.cryoem_preprocess import prepare_micrograph
 from datasets.micrographs import read_coordinates, read_micrograph
 from models.dense import probability_map
-from utils.particle_picker import load_picker
+from utils.picking.picker import load_picker
 from datasets.synthetic_micrographs import generate_micrograph_demo
-from utils.picking import evaluate_picks as evaluate_picks_fn
-from utils.cryoem_config import default_config
+from utils.picking.matching import evaluate_picks as evaluate_picks_fn
+from utils.cryoem.config import default_config
 
 SIZE, RADIUS = 320, 16
 
@@ -111,7 +111,7 @@ def test_pick_then_evaluate(pipeline, tmp_path):
                                   "--radius", str(RADIUS), "--threshold", "0.5"])
     overall = result["overall"]
     assert overall["n_targets"] == 25 and overall["n_picks_total"] == len(star)
-    # the CLI's numbers are those of utils.picking on the files it read
+    # the CLI's numbers are those of utils.picking.matching on the files it read
     again = evaluate_picks_fn(read_coordinates(out / "picks.star")[0], reference, RADIUS, 0.5)["overall"]
     for key in ("tp", "n_picks", "precision", "recall", "average_precision", "best_f1"):
         assert overall[key] == pytest.approx(again[key])

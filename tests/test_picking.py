@@ -1,4 +1,4 @@
-"""utils.picking (peaks, NMS, matching, P/R/F1/AP) and utils.figures.pr_curve_image.
+"""utils.picking.peaks (peaks, NMS, refinement) and utils.picking.matching (matching, P/R/F1/AP) and utils.figures.pr_curve_image.
 
 Every expected number is worked out by hand in the comments next to the example; scikit-learn
 is used only where it computes the same quantity (the PR curve's points, and AP once rescaled
@@ -15,8 +15,9 @@ from sklearn import metrics as skm
 
 from utils.errors import UserError
 from utils.figures import CURVE_COLOURS, pr_curve_image
-from utils.picking import (evaluate_picks, find_peaks, match_picks, match_targets, nms, prior_threshold,
-                           ranking_metrics, sub_cell_offsets)
+from utils.picking.peaks import find_peaks, nms, prior_threshold, sub_cell_offsets
+from utils.picking.matching import (evaluate_picks, match_picks, match_targets,
+                                    ranking_metrics)
 
 
 def table(rows):
@@ -353,7 +354,7 @@ def test_evaluated_micrographs(caplog):
     ref = table([("a", 10, 10, np.nan), ("b", 10, 10, np.nan), ("c", 10, 10, np.nan)])
     picks = table([("a", 10, 10, 0.9)])
     # by default only micrographs with picks are evaluated, with a warning about the others
-    with caplog.at_level(logging.WARNING, logger="utils.picking"):
+    with caplog.at_level(logging.WARNING, logger="utils.picking.matching"):
         result = evaluate_picks(picks, ref, radius=2, threshold=0.5)
     assert list(result["per_micrograph"]) == ["a"]
     assert result["overall"]["recall"] == 1.0

@@ -37,7 +37,7 @@ import pick_particles
 import preprocess_cryoem
 import train_pu_selective_fixmatch as cryo_entry
 import utils.ana.train as ana_train
-import utils.cryoem_trainer as cryo_trainer
+import utils.cryoem.train as cryo_trainer
 from conftest import cpu_argv, expect_error_line
 from datasets.synthetic_cryoem import generate_cryoem_demo
 from models.fixmatch_pu import FixMatchPUModel
@@ -610,7 +610,7 @@ def test_a_real_sigint_ends_main_py_in_one_line(tiny_ana, tmp_path):
 # --------------------------------------------------------------- 11. leftover temporary files
 
 def _leftover(folder, name):
-    """A temporary file as utils.checkpoint.atomic_write leaves it when killed mid-write."""
+    """A temporary file as utils.io.atomic_write leaves it when killed mid-write."""
     path = Path(folder) / f".{name}.k9x2_q.tmp"
     path.write_bytes(os.urandom(1 << 16))
     return path

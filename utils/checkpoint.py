@@ -1,39 +1,10 @@
-"""Atomic checkpoint files and safe loading."""
-import os
-import tempfile
+"""Atomic checkpoint files and safe loading (which family's file, ``weights_only``)."""
 from pathlib import Path
 
 import torch
 
 from utils.errors import UserError
-
-
-def _current_umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path, write_fn, mode="wb"):
-    """Write a file through ``write_fn(fileobj)`` so readers never see a half-written file.
-
-    The data goes to a temporary file in the same directory, is flushed to disk, then
-    replaces ``path`` in one ``os.replace``: an interrupted write leaves the old file intact.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual file mode
-        with os.fdopen(fd, mode) as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+from utils.io import atomic_write
 
 
 def save_checkpoint(obj, path):

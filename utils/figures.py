@@ -5,7 +5,7 @@ They go to TensorBoard (``SummaryWriter.add_image(..., dataformats="HWC")``) or 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from utils.checkpoint import atomic_write
+from utils.io import atomic_write
 
 
 def confusion_matrix_image(matrix, class_names=None, cell=48):

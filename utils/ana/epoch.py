@@ -9,7 +9,7 @@ from models.pseudo_labels import make_targets
 from models.sample_weights import sampler_weights
 from utils.errors import UserError
 from utils.distributed import any_over_processes, gather_from_processes
-from utils.fast_path import make_precision
+from utils.precision import make_precision
 from utils.logger import progress
 
 
@@ -22,7 +22,7 @@ class BatchPreprocessor:
 
     def __init__(self, mean, std, device, memory_format=torch.contiguous_format):
         self.device = device
-        self.memory_format = memory_format  # channels-last on a GPU (utils/fast_path.py)
+        self.memory_format = memory_format  # channels-last on a GPU (utils/precision.py)
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0
 
@@ -89,7 +89,7 @@ def train_one_epoch(model, loader, optimizer, weights, tile_labels, targets, pre
     ``tile_labels`` [T, C] are the bag labels of each tile; ``targets`` [T, C] receives the
     targets actually used (pseudo/soft labels), which drive the ``ulr-adaptive`` groups.
     A batch whose tiles have no label at all is skipped (the reference's ``label.sum() == 0``).
-    ``precision`` (:func:`utils.fast_path.make_precision`, default float32): the network's
+    ``precision`` (:func:`utils.precision.make_precision`, default float32): the network's
     forward runs under autocast, the loss (with the instance weights) in float32.
 
     No host synchronisation per step on one process: the skip test reads the CPU copy of the

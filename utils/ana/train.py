@@ -21,8 +21,9 @@ from models.sample_weights import GRANULARITIES, GROUPINGS, INIT_METHODS, LR_MET
 from utils.ana.epoch import BatchPreprocessor, EpochSetup, bag_max, predict, train_epoch
 from utils.distributed import (DistInfo, barrier, broadcast_object, cleanup_distributed, init_distributed,
                                mean_over_processes, replicas_in_sync, wrap_ddp)
-from utils.fast_path import make_precision, maybe_compile, memory_format
-from utils.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from utils.precision import make_precision, maybe_compile, memory_format
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.io import atomic_write
 from utils.checks import SEED_MAX, check_output_dir, float_arg, int_arg, range_problem
 from utils.device import resolve_device
 from utils.early_stopping import EarlyStopping
@@ -31,7 +32,7 @@ from utils.logger import NullSummaryWriter, close_run_logger, git_revision, make
 from utils.figures import confusion_matrix_image
 from utils.interrupt import interruption, rerun_command
 from utils.metrics import best_improved, format_metrics, multilabel_metrics, singlelabel_metrics
-from utils.results import ResultsFile
+from utils.io import ResultsFile
 from utils.run_lock import RunLock
 from utils.seed import rng_state, seed_everything, seed_worker, set_rng_state
 
@@ -356,7 +357,7 @@ def _train(args, cfg, device, model, tiles, num_classes, run_dir, logger, writer
                            args.numWorkers, device, sampler)
     val_loader = _loader(CachedTileDataset(caches["val"]), args.testBatchSize, args.numWorkers, device)
     test_loader = _loader(CachedTileDataset(caches["test"]), args.testBatchSize, args.numWorkers, device)
-    # GPU fast path (utils/fast_path.py; no-ops on the CPU); cudnn.benchmark is set by seed_everything
+    # GPU fast path (utils/precision.py; no-ops on the CPU); cudnn.benchmark is set by seed_everything
     fmt = memory_format(device, args.channelsLast)
     model.to(memory_format=fmt)
     precision = make_precision(device, args.amp)

@@ -1,10 +1,41 @@
-"""``results.json``: a JSON list of records that is valid JSON after every write."""
+"""Files written so that a reader never sees half of one: :func:`atomic_write` (checkpoints, STAR,
+CSV, YAML, PNG, JSON), :func:`write_json`, and ``results.json`` as a JSON list that is valid
+after every append (:class:`ResultsFile`)."""
 import json
 import math
+import os
+import tempfile
 from pathlib import Path
 
-from utils.checkpoint import atomic_write
 from utils.errors import UserError
+
+
+def _current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path, write_fn, mode="wb"):
+    """Write a file through ``write_fn(fileobj)`` so readers never see a half-written file.
+
+    The data goes to a temporary file in the same directory, is flushed to disk, then
+    replaces ``path`` in one ``os.replace``: an interrupted write leaves the old file intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual file mode
+        with os.fdopen(fd, mode) as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def to_json_safe(obj):

@@ -1,12 +1,12 @@
-"""utils/fast_path.py and its use in the CryoEM step: no-ops on the CPU, autocast, loss scaling."""
+"""utils/precision.py and its use in the CryoEM step: no-ops on the CPU, autocast, loss scaling."""
 import copy
 
 import pytest
 import torch
 
 from models.fixmatch_pu import EMATeacher, FixMatchPUModel
-from utils.cryoem_engine import StepParams, train_one_epoch
-from utils.fast_path import Precision, configure_backends, make_precision, maybe_compile, memory_format
+from utils.cryoem.epoch import StepParams, train_one_epoch
+from utils.precision import Precision, configure_backends, make_precision, maybe_compile, memory_format
 
 CPU = torch.device("cpu")
 
@@ -73,7 +73,7 @@ def test_float16_loss_scaling_unscales_before_clipping():
 
 
 def test_the_training_config_has_the_fast_path_keys():
-    from utils.cryoem_config import default_config, validate_config
+    from utils.cryoem.config import default_config, validate_config
     from utils.errors import UserError
     cfg = default_config()
     assert (cfg["training"]["amp"], cfg["training"]["channels_last"], cfg["training"]["compile"],

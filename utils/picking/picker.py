@@ -3,7 +3,7 @@
 One micrograph: read -> downsample + normalise exactly as the training patches were made
 (the checkpoint's ``data_metadata``, written by preprocess_cryoem.py) -> probability map
 (:func:`models.dense.probability_map`, in tiles of bounded size) -> every cell above the score
-floor, one greedy non-maximum suppression and sub-cell refinement (:func:`utils.picking.find_peaks`)
+floor, one greedy non-maximum suppression and sub-cell refinement (:func:`utils.picking.peaks.find_peaks`)
 -> candidates in the ORIGINAL micrograph's pixel frame (:func:`datasets.cryoem_preprocess.to_original`),
 whatever the downsampling. The picks are the candidates whose score reaches the threshold:
 ``--threshold auto`` takes the one training stored in the checkpoint (:func:`resolve_threshold`).
@@ -24,7 +24,7 @@ from models.dense import check_geometry, probability_map
 from models.fixmatch_pu import FixMatchPUModel
 from utils.checkpoint import load_checkpoint
 from utils.errors import UserError
-from utils.picking import find_peaks
+from utils.picking.peaks import find_peaks
 
 
 # Default largest tile side (px of the downsampled micrograph) for the dense trunk: ResNet-18 on a
@@ -105,7 +105,7 @@ class ThresholdChoice:
 
 def resolve_threshold(ckpt, path, threshold):
     """A :class:`ThresholdChoice`: ``threshold`` itself (a number), or for ``"auto"`` the rule training
-    stored in the checkpoint (``picking_threshold``, see utils/cryoem_trainer.py)."""
+    stored in the checkpoint (``picking_threshold``, see utils/cryoem/train.py)."""
     if threshold != "auto":
         return ThresholdChoice(float(threshold), "given by --threshold")
     stored = ckpt.get("picking_threshold")

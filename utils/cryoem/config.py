@@ -22,7 +22,7 @@ from types import MappingProxyType
 
 import yaml
 
-from utils.checkpoint import atomic_write
+from utils.io import atomic_write
 from utils.checks import SEED_MAX
 from utils.errors import UserError
 

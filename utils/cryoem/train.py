@@ -1,10 +1,10 @@
 """The CryoEM PU + Selective FixMatch training run behind ``train_pu_selective_fixmatch.py``.
 
-``run(cfg, args)`` takes a resolved config (utils.cryoem_config) and the parsed command line
+``run(cfg, args)`` takes a resolved config (utils.cryoem.config) and the parsed command line
 (``exp_name``, ``output_dir``, ``resume``) and trains:
 
   check inputs (config, run directory, checkpoint, data, sampler, model) -> write the run
-  directory -> epochs of train (utils.cryoem_engine) / evaluate the EMA teacher on val ->
+  directory -> epochs of train (utils.cryoem.epoch) / evaluate the EMA teacher on val ->
   ``best_model.pt`` (best val AUC), ``last.pt`` (everything --resume needs) -> test with the best
   teacher -> ``results.json``.
 
@@ -30,19 +30,19 @@ from datasets.cryoem_dataset_pu import PUBatchSampler, load_pu_data
 from models.fixmatch_pu import EMATeacher, FixMatchPUModel, unwrap_model
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.checks import check_output_dir
-from utils.cryoem_config import dump_config
-from utils.cryoem_engine import StepParams, evaluate, train_one_epoch
+from utils.cryoem.config import dump_config
+from utils.cryoem.epoch import StepParams, evaluate, train_one_epoch
 from utils.device import resolve_device
 from utils.early_stopping import EarlyStopping
 from utils.distributed import (DistInfo, barrier, broadcast_object, cleanup_distributed, init_distributed,
                                mean_over_processes, replicas_in_sync, wrap_ddp)
 from utils.errors import UserError
-from utils.fast_path import configure_backends, make_precision, maybe_compile, memory_format
+from utils.precision import configure_backends, make_precision, maybe_compile, memory_format
 from utils.interrupt import interruption, rerun_command
 from utils.logger import NullSummaryWriter, close_run_logger, git_revision, make_summary_writer, setup_run_logger
 from utils.metrics import binary_metrics
-from utils.picking import prior_threshold
-from utils.results import to_json_safe, write_json
+from utils.picking.peaks import prior_threshold
+from utils.io import to_json_safe, write_json
 from utils.run_lock import RunLock
 from utils.seed import rng_state, seed_everything, seed_worker, set_rng_state
 
@@ -342,7 +342,7 @@ def _train(cfg, state, device, data, prior, sampler, student, run_dir, logger, w
                 f"{data_cfg['batch_ratio'][0]}:{data_cfg['batch_ratio'][1]}"
                 f" | {'selective' if cfg['loss']['selective'] else 'standard'} FixMatch")
 
-    # GPU fast path (utils/fast_path.py; all no-ops on the CPU): channels-last weights before the
+    # GPU fast path (utils/precision.py; all no-ops on the CPU): channels-last weights before the
     # teacher copies them, autocast + GradScaler, cuDNN autotuning, optional torch.compile
     fmt = memory_format(device, training["channels_last"])
     student.to(memory_format=fmt)
@@ -546,12 +546,12 @@ def _picking_threshold(model, data, prior, val, device, cfg):
       windows lies within ``positive_radius`` of a particle, i.e. ``particles_per_px = prior /
       (pi * positive_radius^2)`` per original px^2 (Topaz's estimate, inverted); picking then keeps
       that many picks per micrograph area, i.e. the threshold is the score of the last of them
-      (utils/particle_picker.py). It is fixed on the dense map's own peaks, because a window's
+      (utils/picking/picker.py). It is fixed on the dense map's own peaks, because a window's
       score and a peak's differ (a peak is the best of its neighbourhood, and for a small window
       the dense map is not the crop classifier, models/dense.py);
     * ``prior_windows`` (patch data without micrograph geometry): ``value`` = the score above which
       the fraction ``prior`` of the unlabelled training windows lies
-      (:func:`utils.picking.prior_threshold`).
+      (:func:`utils.picking.peaks.prior_threshold`).
     """
     if val is not None and not data.val.heldout and math.isfinite(val.get("best_f1_threshold", math.nan)):
         return {"value": float(val["best_f1_threshold"]), "rule": "val_best_f1", "val_best_f1": val["best_f1"],

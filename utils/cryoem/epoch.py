@@ -24,7 +24,7 @@ from datasets.cryoem_augment import MAX_SHIFT_FRACTION, strong_augment, weak_aug
 from models.losses_pu import (consistency_weight, entropy_loss, entropy_weight, nnpu_loss,
                               selective_consistency_loss)
 from utils.errors import UserError
-from utils.fast_path import make_precision
+from utils.precision import make_precision
 from utils.logger import progress
 
 # Per-step quantities averaged over the epoch (the keys of train_one_epoch's result, with
@@ -51,7 +51,7 @@ class StepParams:
 
     @classmethod
     def from_config(cls, cfg, prior):
-        """From a resolved config (utils.cryoem_config); ``prior`` is the resolved class prior
+        """From a resolved config (utils.cryoem.config); ``prior`` is the resolved class prior
         (``loss.prior``, or the data's metadata prior when the config says ``auto``)."""
         loss, training = cfg["loss"], cfg["training"]
         return cls(prior=float(prior), nnpu_beta=loss["nnpu_beta"], nnpu_gamma=loss["nnpu_gamma"],
@@ -74,7 +74,7 @@ def train_one_epoch(student, teacher, loader, optimizer, scheduler, params, epoc
 
     ``params`` is a :class:`StepParams`; ``epoch_index`` is 0-based (it drives the ramps);
     ``scheduler`` steps once per iteration; ``generator`` (on ``device``, optional) drives the
-    augmentations. ``precision`` (:func:`utils.fast_path.make_precision`; default float32) runs
+    augmentations. ``precision`` (:func:`utils.precision.make_precision`; default float32) runs
     the forward passes under autocast and scales the loss for float16; ``memory_format``
     (channels-last on a GPU) is applied to the batches. A non-finite loss raises :class:`UserError` naming the epoch and step (the
     previous epoch's ``last.pt`` stays intact).
