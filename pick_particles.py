@@ -103,7 +103,9 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     out = Path(args.output_dir)
-    check_output_dir(out, "--output-dir")
+    folders = [out, out / "box"] + ([out / "overlays"] if args.overlay else [])
+    for folder in folders:
+        check_output_dir(folder, "--output-dir")
     lock = RunLock(out, hint="or choose another --output-dir")
     lock.check()
     device = resolve_device(args.device)
@@ -125,7 +127,7 @@ def main(argv=None):
         with Staging(out) as staging:
             logger = setup_run_logger("pick_particles", staging.out_dir / "picking.log")
             try:
-                lock.tidy(logger)
+                lock.tidy(logger, [f for f in folders[1:] if f.is_dir()])
                 if stale:
                     logger.info(f"removed the temporary folder(s) of an interrupted run: {', '.join(stale)}")
                 return _pick(args, model, ckpt, device, settings, choice, paths, entries, radius, box_size,

@@ -220,9 +220,9 @@ def test_rethreshold_gives_the_picks_of_picking_at_that_threshold(setup, tmp_pat
 def test_a_failed_run_leaves_the_folder_as_it_was(setup, tmp_path, capsys):
     out = tmp_path / "picks"
     _pick(setup, out, "--threshold", "0.2", "--overlay")
-    before = _snapshot(out)
-    # a PNG whose header reads but whose pixels do not: found while picking, after the first
-    # micrographs were picked (the old code had rewritten box/<first>.box by then)
+    before, log_before = _snapshot(out), (out / "picking.log").read_text()
+    # a PNG whose header reads but whose pixels do not (the old code had rewritten
+    # box/<first>.box before reaching it): refused before anything is written
     broken = tmp_path / "broken" / "zz_broken.png"
     broken.parent.mkdir()
     data = Path(setup["mics"][1]).read_bytes()
@@ -232,7 +232,7 @@ def test_a_failed_run_leaves_the_folder_as_it_was(setup, tmp_path, capsys):
     assert "zz_broken.png" in line
     assert _snapshot(out) == before
     assert not [p for p in out.iterdir() if p.name.startswith(".pick-")]  # no staging left behind
-    assert "error: " in (out / "picking.log").read_text().splitlines()[-1]
+    assert (out / "picking.log").read_text() == log_before  # refused before the log was opened
     log_lines = len((out / "picking.log").read_text().splitlines())
     # a header that cannot be read, or a micrograph smaller than the window: refused before
     # anything is written (the log is not even opened)
@@ -242,9 +242,9 @@ def test_a_failed_run_leaves_the_folder_as_it_was(setup, tmp_path, capsys):
     tiny.parent.mkdir()
     import mrcfile
     with mrcfile.new(tiny) as mrc:
-        mrc.set_data(np.zeros((40, 40), dtype=np.float32))  # 20 px after downsampling 2 < the 32 px window
-    for bad, message in ((junk, "junk.mrc: cannot be read"), (tiny, "tiny.mrc: 20x20 px after downsampling by 2 is "
-                                                                     "smaller than the model's 32 px window")):
+        mrc.set_data(np.random.default_rng(0).normal(size=(40, 40)).astype(np.float32))  # 20 px after downsampling 2 < the 32 px window
+    for bad, message in ((junk, "junk.mrc: cannot be read"), (tiny, "tiny.mrc: 40x40 px, 20x20 after downsampling by 2, "
+                                                                     "is smaller than the model's 32 px window")):
         line = _fail(capsys, lambda argv: _pick(setup, out, *argv, mics=setup["mics"] + [bad]), [])
         assert message in line
     assert _snapshot(out) == before
@@ -263,8 +263,10 @@ def test_a_new_run_replaces_the_previous_runs_files(setup, tmp_path):
 
 def test_bad_flags(setup, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
-    for extra, message in ((["--tile-size", "-1"], "--tile-size is -1"), (["--tile-size", "64"], "--tile-size is 64"),
-                           (["--score-floor", "2"], "--score-floor is 2.0"), (["--box-size", "0"], "--box-size is 0"),
+    for extra, message in ((["--tile-size", "-1"], "argument --tile-size: expected an integer >= 0, got '-1'"),
+                           (["--tile-size", "64"], "--tile-size is 64"),
+                           (["--score-floor", "2"], "argument --score-floor: expected a finite number in [0, 1], got '2'"),
+                           (["--box-size", "0"], "argument --box-size: expected an integer >= 1, got '0'"),
                            (["--output-dir", str(tmp_path / "file")], "is a file")):
         assert message in _fail(capsys, lambda argv: _pick(setup, tmp_path / "p", *argv), extra)
     capsys.readouterr()
