@@ -1,4 +1,4 @@
-"""Seeding: one call at the start of a run, plus per-worker seeds for DataLoaders."""
+"""Seeding: one call at the start of a run, the seeded DataLoader of both trainers and its workers' seeds."""
 import os
 import random
 
@@ -42,3 +42,19 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seeded_loader(dataset, device, num_workers, seed, batch_size=None, sampler=None, batch_sampler=None):
+    """The DataLoader of both trainers: a loader with its own generator seeded by ``seed``.
+
+    The loader draws its workers' base seed from that generator, never from the global RNG, so
+    the global RNG (dropout masks, augmentation) does not depend on how often loaders are
+    iterated, and a resumed run draws what an uninterrupted one draws. Order is given by
+    ``sampler`` / ``batch_sampler`` or is sequential; workers seed NumPy and ``random`` from
+    their torch seed (:func:`seed_worker`).
+    """
+    kwargs = dict(num_workers=num_workers, pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+                  worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(int(seed)))
+    if batch_sampler is not None:
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, **kwargs)

@@ -5,8 +5,8 @@
 train / validate (tiles) / test (bags, on each new best) -> output files.
 """
 import argparse
+import functools
 import json
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -23,18 +23,17 @@ from utils.distributed import (DistInfo, barrier, broadcast_object, cleanup_dist
                                mean_over_processes, replicas_in_sync, wrap_ddp)
 from utils.precision import make_precision, maybe_compile, memory_format
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.io import atomic_write
+from utils.io import ResultsFile, atomic_write, write_json
 from utils.checks import SEED_MAX, check_output_dir, float_arg, int_arg, range_problem
 from utils.device import resolve_device
 from utils.early_stopping import EarlyStopping
 from utils.errors import UserError
-from utils.logger import NullSummaryWriter, close_run_logger, git_revision, make_summary_writer, setup_run_logger
+from utils.logger import NullSummaryWriter, make_summary_writer
 from utils.figures import confusion_matrix_image
-from utils.interrupt import interruption, rerun_command
 from utils.metrics import best_improved, format_metrics, multilabel_metrics, singlelabel_metrics
-from utils.io import ResultsFile
-from utils.run_lock import RunLock
-from utils.seed import rng_state, seed_everything, seed_worker, set_rng_state
+from utils.run import (check_global_batch, claim_run_dir, fast_path_line, finished_line, main_only, open_run,
+                       restore_scaler)
+from utils.seed import rng_state, seed_everything, seeded_loader, set_rng_state
 
 # val metric key -> checkpoint file suffix of the seed README ({epoch}_f1mi.pt, ...)
 BEST_METRICS = {"f1_mi": "f1mi", "f1_ma": "f1ma", "acc_total": "acc", "mAP": "mAP"}
@@ -214,12 +213,6 @@ def load_splits(args, cfg):
     return tiles, num_classes, notes
 
 
-def _loader(dataset, batch_size, num_workers, device, sampler=None):
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
-        pin_memory=device.type == "cuda", persistent_workers=num_workers > 0, worker_init_fn=seed_worker)
-
-
 def _write_predictions(path, tileset, probs, num_classes, single_label):
     frame = pd.DataFrame({"path": tileset.bags["bag"].astype(str), "target": tileset.bags["TARGET"]})
     if single_label:
@@ -250,9 +243,7 @@ def run(args, cfg, command=None):
     """
     _check_args(args, cfg)
     run_dir = Path(args.pathModelParams) if args.pathModelParams else default_run_name(args, cfg)
-    check_output_dir(run_dir, "--pathModelParams")
-    lock = RunLock(run_dir, hint="or choose another --pathModelParams")
-    lock.check()  # another run in this directory: refuse before the slow start-up
+    lock = claim_run_dir(run_dir, "--pathModelParams", hint="or choose another --pathModelParams")
     device = resolve_device(args.device)
     tiles, num_classes, notes = load_splits(args, cfg)
     # the tile cache is written only when a split's file is missing (a complete read-only cache is fine)
@@ -272,41 +263,17 @@ def run(args, cfg, command=None):
     seed_everything(args.seed, args.deterministic)
     model = build_resnet_classifier(args.arch, num_classes, args.pretrained, args.pretrainedWeights)
     info, device = init_distributed(device)  # torchrun: one process per GPU (or gloo on the CPU)
-    if args.trainBatchSize % info.world_size:
-        cleanup_distributed(info)
-        raise UserError(f"--trainBatchSize {args.trainBatchSize} is not divisible by the {info.world_size} "
-                        f"processes of torchrun; use a multiple of {info.world_size}")
-    barrier(info)  # every process has checked the run directory before the main one writes to it
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            lock.acquire()  # held until the run ends (only by the main process)
-        except UserError:
-            cleanup_distributed(info)
-            raise
-        logger = setup_run_logger(str(run_dir.resolve()), run_dir / "output.txt")
-    else:  # the other processes write nothing
-        logger = setup_run_logger(f"{run_dir.resolve()}#rank{info.rank}", None, console=False)
     writer = None
     try:
-        if info.is_main:
-            lock.tidy(logger)
-        writer = make_summary_writer(run_dir) if info.is_main else NullSummaryWriter()
-        for note in notes:
-            logger.info(note)
-        return _train(args, cfg, device, model.to(device), tiles, num_classes, run_dir, logger, writer, info)
-    except UserError as exc:
-        logger.error("error: " + " ".join(str(exc).split()), extra={"file_only": True})
-        raise
-    except KeyboardInterrupt:
-        stop = interruption(last_path, args.epoch, command or rerun_command(sys.argv[0], add=("--loadModel",)))
-        logger.error(f"interrupted: {stop}", extra={"file_only": True})
-        raise stop from None
+        check_global_batch(args.trainBatchSize, info, "--trainBatchSize")
+        with open_run(run_dir, lock, info, "output.txt", device, "--loadModel", args.epoch, command) as logger:
+            writer = make_summary_writer(run_dir) if info.is_main else NullSummaryWriter()
+            for note in notes:
+                logger.info(note)
+            return _train(args, cfg, device, model.to(device), tiles, num_classes, run_dir, logger, writer, info)
     finally:
         if writer is not None:
             writer.close()
-        close_run_logger(logger)
-        lock.release()
         cleanup_distributed(info)
 
 
@@ -318,22 +285,15 @@ class _NullResults:
         pass
 
 
-def _train(args, cfg, device, model, tiles, num_classes, run_dir, logger, writer, info=DistInfo()):
-    logger.info(f"git {git_revision()} | device {device} | torch {torch.__version__}"
-                + (f" | {info.world_size} processes (DistributedDataParallel)" if info.enabled else ""))
-    logger.info("args " + json.dumps(dict(sorted(vars(args).items())), default=str))
-    # a resume keeps the original run's arguments (output.txt logs the new ones)
-    if (not args.loadModel or not (run_dir / "args.json").is_file()) and info.is_main:
-        atomic_write(run_dir / "args.json", lambda f: json.dump(vars(args), f, indent=2, default=str), mode="w")
-    for split, ts in tiles.items():
-        logger.info(f"{split}: {describe(ts)}")
-    single = cfg.SINGLE_LABEL
-    metric_fn = singlelabel_metrics if single else multilabel_metrics
-    log_keys = ("f1_mi", "f1_ma", "acc_total", "mAP", "overall") + (("top1_acc",) if single else ())
-    if args.updateLR == "ulr-adaptive" and bool((tiles["train"].bag_labels.sum(dim=1) <= 1).all()):
-        logger.info("note: every training image has one label, so ulr-adaptive gives every weight learning rate "
-                    "0 and the weights keep their initial values (use --updateLR ulr-ones to let them move)")
+def run_settings(args, cfg):
+    """Every setting of the run, for args.json: the flags, the resolved weight learning rate and
+    the config module's constants that are not flags."""
+    return {**vars(args), "weight_lr_used": weight_lr(args), "config_module": cfg.__name__,
+            "MEAN": list(cfg.MEAN), "STD": list(cfg.STD), "SINGLE_LABEL": bool(cfg.SINGLE_LABEL)}
 
+
+def _build(args, cfg, device, model, tiles, num_classes, run_dir, logger, info):
+    """The run's objects: optimiser, instance weights, sampler, loaders, fast path, epoch setup."""
     caches = {}
     for first in (True, False):  # the main process decodes the tiles, the others then reuse its cache
         if first == info.is_main:
@@ -343,7 +303,6 @@ def _train(args, cfg, device, model, tiles, num_classes, run_dir, logger, writer
     logger.info(f"model {args.arch}, {num_classes} classes, "
                 + ("ImageNet-pretrained" if args.pretrained else "random initialisation (--no-pretrained)"))
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weightDecay)
-
     train = tiles["train"]
     tile_labels = train.tile_labels.to(device)
     targets = tile_labels.clone()
@@ -352,66 +311,86 @@ def _train(args, cfg, device, model, tiles, num_classes, run_dir, logger, writer
                               weight_decay=args.weightDecay).to(device)
     logger.info(_describe_weights(weights, args))
     sampler = InstanceSampler(len(train), seed=args.seed, num_replicas=info.world_size, rank=info.rank)
+    loader = functools.partial(seeded_loader, device=device, num_workers=args.numWorkers, seed=args.seed)
     # --trainBatchSize is the global batch: each process takes its share
-    train_loader = _loader(CachedTileDataset(caches["train"]), args.trainBatchSize // info.world_size,
-                           args.numWorkers, device, sampler)
-    val_loader = _loader(CachedTileDataset(caches["val"]), args.testBatchSize, args.numWorkers, device)
-    test_loader = _loader(CachedTileDataset(caches["test"]), args.testBatchSize, args.numWorkers, device)
+    loaders = {"train": loader(CachedTileDataset(caches["train"]), batch_size=args.trainBatchSize // info.world_size,
+                               sampler=sampler)}
+    for split in ("val", "test"):
+        loaders[split] = loader(CachedTileDataset(caches[split]), batch_size=args.testBatchSize)
     # GPU fast path (utils/precision.py; no-ops on the CPU); cudnn.benchmark is set by seed_everything
     fmt = memory_format(device, args.channelsLast)
     model.to(memory_format=fmt)
     precision = make_precision(device, args.amp)
     train_model = maybe_compile(wrap_ddp(model, info, device), args.compile)
-    save = save_checkpoint if info.is_main else (lambda obj, path: None)  # only the main process writes
-    logger.info(f"fast path: precision {precision.describe()}, "
-                f"{'channels-last' if fmt == torch.channels_last else 'contiguous'}, "
-                f"torch.compile {'on' if args.compile else 'off'}")
+    logger.info(fast_path_line(precision, fmt, args.compile))
     preprocess = BatchPreprocessor(cfg.MEAN, cfg.STD, device, memory_format=fmt)
-    setup = EpochSetup(train_model, train_loader, sampler, optimizer, weights, tile_labels, targets, preprocess,
+    setup = EpochSetup(train_model, loaders["train"], sampler, optimizer, weights, tile_labels, targets, preprocess,
                        precision, granularity=args.granularity, training_label=args.trainingLabel,
                        sampling=args.sampling, resample_every=args.resampleEvery,
                        reset_optimizer=args.resetOptimizer, dist_info=info)
+    return setup, loaders
 
+
+def _resume(args, setup, model, num_classes, run_dir, early, results, logger):
+    """Load last.pt into the run's objects; return ``(start_epoch, best, best_files, last_val, last_test)``."""
+    state = load_checkpoint(run_dir / "last.pt", map_location=setup.targets.device)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError:
+        raise UserError(f"{run_dir / 'last.pt'} holds a different model than --arch {args.arch} with "
+                        f"{num_classes} classes") from None
+    setup.optimizer.load_state_dict(state["optimizer"])
+    restore_scaler(setup.precision, state)
+    setup.weights.load_state_dict(state["weights"])
+    setup.targets.copy_(state["targets"])
+    early.load_state_dict(state["early_stopping"])
+    setup.sampler_probs = state["sampler_weights"].to(setup.targets.device)
+    set_rng_state(state["rng"])
+    results.truncate_after(state["epoch"])
+    start_epoch = state["epoch"] + 1
+    if state.get("stopped") or start_epoch > args.epoch:
+        logger.info(finished_line(run_dir / "last.pt", state["epoch"], state.get("stopped"), f"--epoch {args.epoch}"))
+        start_epoch = args.epoch + 1
+    else:
+        logger.info(f"resumed from {run_dir / 'last.pt'} at epoch {start_epoch}")
+    return (start_epoch, dict(state["best"]), dict(state["best_files"]), dict(state["last_val"]),
+            dict(state["last_test"]))
+
+
+def _train(args, cfg, device, model, tiles, num_classes, run_dir, logger, writer, info=DistInfo()):
+    logger.info("args " + json.dumps(dict(sorted(vars(args).items())), default=str))
+    # a resume keeps the original run's settings (output.txt logs the new ones)
+    if (not args.loadModel or not (run_dir / "args.json").is_file()) and info.is_main:
+        write_json(run_dir / "args.json", run_settings(args, cfg))
+    for split, ts in tiles.items():
+        logger.info(f"{split}: {describe(ts)}")
+    single = cfg.SINGLE_LABEL
+    metric_fn = singlelabel_metrics if single else multilabel_metrics
+    log_keys = ("f1_mi", "f1_ma", "acc_total", "mAP", "overall") + (("top1_acc",) if single else ())
+    if args.updateLR == "ulr-adaptive" and bool((tiles["train"].bag_labels.sum(dim=1) <= 1).all()):
+        logger.info("note: every training image has one label, so ulr-adaptive gives every weight learning rate "
+                    "0 and the weights keep their initial values (use --updateLR ulr-ones to let them move)")
+    setup, loaders = _build(args, cfg, device, model, tiles, num_classes, run_dir, logger, info)
+    weights, tile_labels = setup.weights, setup.tile_labels
+    save = main_only(save_checkpoint, info)
     results = ResultsFile(run_dir / "results.json") if info.is_main else _NullResults()
     early = EarlyStopping(args.patience)
-    best, best_files, start_epoch = {}, {}, 1
-    last_val, last_test = {}, {}
+    start_epoch, best, best_files, last_val, last_test = 1, {}, {}, {}, {}
     if args.loadModel and not (run_dir / "last.pt").is_file():
         # the previous attempt died during its first epoch, after writing results.json
         results.truncate_after(0)
         logger.info(f"no last.pt in {run_dir}: the previous attempt did not finish an epoch; starting at epoch 1")
     elif args.loadModel:
-        state = load_checkpoint(run_dir / "last.pt", map_location=device)
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError:
-            raise UserError(f"{run_dir / 'last.pt'} holds a different model than --arch {args.arch} with "
-                            f"{num_classes} classes") from None
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler") and precision.scaler.is_enabled():  # float16 loss scale
-            precision.scaler.load_state_dict(state["scaler"])
-        weights.load_state_dict(state["weights"])
-        targets.copy_(state["targets"])
-        early.load_state_dict(state["early_stopping"])
-        best, best_files = dict(state["best"]), dict(state["best_files"])
-        last_val, last_test = dict(state["last_val"]), dict(state["last_test"])
-        setup.sampler_probs = state["sampler_weights"].to(device)
-        set_rng_state(state["rng"])
-        start_epoch = state["epoch"] + 1
-        results.truncate_after(state["epoch"])
-        if state.get("stopped") or start_epoch > args.epoch:
-            reason = "stopped early" if state.get("stopped") else f"reached --epoch {args.epoch}"
-            logger.info(f"{run_dir / 'last.pt'}: this run already {reason} after epoch {state['epoch']}; nothing to train")
-            start_epoch = args.epoch + 1
-        else:
-            logger.info(f"resumed from {run_dir / 'last.pt'} at epoch {start_epoch}")
+        start_epoch, best, best_files, last_val, last_test = _resume(args, setup, model, num_classes, run_dir, early,
+                                                                     results, logger)
 
     for epoch in range(start_epoch, args.epoch + 1):
         stats = train_epoch(setup, epoch)
         stats = mean_over_processes(stats, info, device, sum_keys=("images", "steps", "images_per_s", "skipped_batches"))
         if info.is_main:  # the main process validates; its metrics decide for every process
             val = tiles["val"]
-            val_probs = predict(model, val_loader, preprocess, desc=f"epoch {epoch} val", precision=precision)
+            val_probs = predict(model, loaders["val"], setup.preprocess, desc=f"epoch {epoch} val",
+                                precision=setup.precision)
             if args.valLevel == "image":
                 last_val = metric_fn(val.bag_labels, bag_max(val_probs, val.tile_bag, len(val.bags)))
             else:
@@ -423,56 +402,70 @@ def _train(args, cfg, device, model, tiles, num_classes, run_dir, logger, writer
         if improved:
             best.update({k: last_val[k] for k in improved})
         if improved and info.is_main:
-            test = tiles["test"]
-            bag_probs = bag_max(predict(model, test_loader, preprocess, desc=f"epoch {epoch} test", precision=precision),
-                                test.tile_bag, len(test.bags))
-            last_test = metric_fn(test.bag_labels, bag_probs)
-            _write_predictions(run_dir / "test_predictions.csv", test, bag_probs, num_classes, single)
-            if single:
-                _write_confusion(run_dir / "confusion_matrix.csv", last_test["confusion_matrix"])
-                writer.add_image("test/confusion_matrix", confusion_matrix_image(last_test["confusion_matrix"]),
-                                 epoch, dataformats="HWC")
+            last_test = _test_best(args, model, tiles["test"], loaders["test"], setup, metric_fn, single, num_classes,
+                                   run_dir, writer, epoch)
             results.append({"epoch": epoch, "improved": improved, "val_results": last_val, "test_results": last_test})
             logger.info(f"epoch {epoch} | new best {', '.join(improved)} | test {format_metrics(last_test, log_keys)}")
-            _log_scalars(writer, "test", last_test, epoch)
             if args.saveModel:
-                for key in improved:
-                    name = f"{epoch}_{BEST_METRICS[key]}.pt"
-                    save(model.state_dict(), run_dir / name)
-                    old = best_files.get(key)
-                    if old and old != name and (run_dir / old).is_file():
-                        (run_dir / old).unlink()
-                    best_files[key] = name
+                _keep_best_models(model, improved, best_files, run_dir, epoch)
         stop = early.step(bool(improved))
-
-        wstats = weight_stats(weights.alpha, tile_labels)
-        _log_scalars(writer, "train", {k: stats[k] for k in ("loss", "images_per_s", "skipped_batches")}, epoch)
-        writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], epoch)
-        writer.add_scalar("train/weight_lr", weight_lr(args), epoch)
-        _log_scalars(writer, "val", last_val, epoch)
-        _log_scalars(writer, "weights", wstats, epoch)
-        entropy = sampling_entropy(setup.sampler_probs) if args.sampling else 1.0  # 1 = uniform (shuffling)
-        writer.add_scalar("sampler/entropy", entropy, epoch)
-        writer.add_histogram("weights/alpha", weights.alpha[tile_labels > 0] if weights.alpha.dim() == 2
-                             else weights.alpha, epoch)
-        logger.info(f"epoch {epoch} | weights mean {wstats['mean']:.4f} dropped {wstats['dropped_fraction']:.3f}"
-                    + (f" | sampler entropy {entropy:.3f}" if args.sampling else ""))
-
+        _log_epoch(args, writer, logger, setup, stats, last_val, epoch)
         if info.enabled:  # DDP's invariant, and the gathered weight updates'; a failure is a bug
             if not replicas_in_sync([*model.parameters(), weights.alpha], info):
                 raise RuntimeError("the processes' network or instance weights differ (distributed update out of sync)")
             if epoch == start_epoch:
                 logger.info(f"network and instance weights identical on the {info.world_size} processes")
-        save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": precision.scaler.state_dict(),
-                         "weights": weights.state_dict(), "targets": targets.cpu(), "early_stopping": early.state_dict(),
-                         "best": best, "best_files": best_files, "rng": rng_state(), "stopped": stop,
-                         "sampler_weights": setup.sampler_probs.cpu(),
-                         "last_val": last_val, "last_test": last_test,
-                         "config": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))},
-                         "num_classes": num_classes}, run_dir / "last.pt")
+        save({"epoch": epoch, "model": model.state_dict(), "optimizer": setup.optimizer.state_dict(),
+              "scaler": setup.precision.scaler.state_dict(), "weights": weights.state_dict(),
+              "targets": setup.targets.cpu(), "early_stopping": early.state_dict(), "best": best,
+              "best_files": best_files, "rng": rng_state(), "stopped": stop,
+              "sampler_weights": setup.sampler_probs.cpu(), "last_val": last_val, "last_test": last_test,
+              "config": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))},
+              "num_classes": num_classes}, run_dir / "last.pt")
         if stop:
             logger.info(f"early stopping: no val metric improved for {args.patience} epochs")
             break
     logger.info(f"done | best val {json.dumps({k: round(v, 4) for k, v in best.items()})}")
     return {"best": best, "val": last_val, "test": last_test, "run_dir": str(run_dir)}
+
+
+def _test_best(args, model, test, test_loader, setup, metric_fn, single, num_classes, run_dir, writer, epoch):
+    """Image-level test metrics of a new best model; writes its predictions (and confusion matrix)."""
+    bag_probs = bag_max(predict(model, test_loader, setup.preprocess, desc=f"epoch {epoch} test",
+                                precision=setup.precision), test.tile_bag, len(test.bags))
+    metrics = metric_fn(test.bag_labels, bag_probs)
+    _write_predictions(run_dir / "test_predictions.csv", test, bag_probs, num_classes, single)
+    if single:
+        _write_confusion(run_dir / "confusion_matrix.csv", metrics["confusion_matrix"])
+        writer.add_image("test/confusion_matrix", confusion_matrix_image(metrics["confusion_matrix"]),
+                         epoch, dataformats="HWC")
+    _log_scalars(writer, "test", metrics, epoch)
+    return metrics
+
+
+def _keep_best_models(model, improved, best_files, run_dir, epoch):
+    """--saveModel: ``{epoch}_{metric}.pt`` for each improved metric, replacing that metric's older file."""
+    for key in improved:
+        name = f"{epoch}_{BEST_METRICS[key]}.pt"
+        save_checkpoint(model.state_dict(), run_dir / name)
+        old = best_files.get(key)
+        if old and old != name and (run_dir / old).is_file():
+            (run_dir / old).unlink()
+        best_files[key] = name
+
+
+def _log_epoch(args, writer, logger, setup, stats, val, epoch):
+    """TensorBoard scalars of the epoch and output.txt's ``weights mean M dropped D`` line."""
+    weights, tile_labels = setup.weights, setup.tile_labels
+    wstats = weight_stats(weights.alpha, tile_labels)
+    _log_scalars(writer, "train", {k: stats[k] for k in ("loss", "images_per_s", "skipped_batches")}, epoch)
+    writer.add_scalar("train/lr", setup.optimizer.param_groups[0]["lr"], epoch)
+    writer.add_scalar("train/weight_lr", weight_lr(args), epoch)
+    _log_scalars(writer, "val", val, epoch)
+    _log_scalars(writer, "weights", wstats, epoch)
+    entropy = sampling_entropy(setup.sampler_probs) if args.sampling else 1.0  # 1 = uniform (shuffling)
+    writer.add_scalar("sampler/entropy", entropy, epoch)
+    writer.add_histogram("weights/alpha", weights.alpha[tile_labels > 0] if weights.alpha.dim() == 2
+                         else weights.alpha, epoch)
+    logger.info(f"epoch {epoch} | weights mean {wstats['mean']:.4f} dropped {wstats['dropped_fraction']:.3f}"
+                + (f" | sampler entropy {entropy:.3f}" if args.sampling else ""))

@@ -18,10 +18,10 @@ epoch), ``best_model.pt``,
 ``last.pt`` and ``results.json``.
 """
 import dataclasses
+import functools
 import json
 import logging
 import math
-import sys
 from pathlib import Path
 
 import torch
@@ -29,7 +29,6 @@ import torch
 from datasets.cryoem_dataset_pu import PUBatchSampler, load_pu_data
 from models.fixmatch_pu import EMATeacher, FixMatchPUModel, unwrap_model
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.checks import check_output_dir
 from utils.cryoem.config import dump_config
 from utils.cryoem.epoch import StepParams, evaluate, train_one_epoch
 from utils.device import resolve_device
@@ -38,13 +37,13 @@ from utils.distributed import (DistInfo, barrier, broadcast_object, cleanup_dist
                                mean_over_processes, replicas_in_sync, wrap_ddp)
 from utils.errors import UserError
 from utils.precision import configure_backends, make_precision, maybe_compile, memory_format
-from utils.interrupt import interruption, rerun_command
-from utils.logger import NullSummaryWriter, close_run_logger, git_revision, make_summary_writer, setup_run_logger
+from utils.logger import NullSummaryWriter, make_summary_writer
 from utils.metrics import binary_metrics
 from utils.picking.peaks import prior_threshold
 from utils.io import to_json_safe, write_json
-from utils.run_lock import RunLock
-from utils.seed import rng_state, seed_everything, seed_worker, set_rng_state
+from utils.run import (check_global_batch, claim_run_dir, fast_path_line, finished_line, main_only, open_run,
+                       restore_scaler)
+from utils.seed import rng_state, seed_everything, seeded_loader, set_rng_state
 
 # Config keys a resumed run may change; any other difference from last.pt's config is refused
 # (it would silently mix two experiments in one run directory).
@@ -150,17 +149,6 @@ def _check_resume_config(saved, cfg, last_path):
                             f"{', '.join(RESUMABLE_CHANGES)} may change); use another --exp-name for a new run")
 
 
-def _loader(dataset, device, num_workers, seed, batch_size=None, batch_sampler=None):
-    """A DataLoader with its own seeded generator: its worker seeds never draw from the global RNG,
-    so the dropout masks (global RNG) do not depend on when workers start (resume, num_workers)."""
-    kwargs = dict(num_workers=num_workers, pin_memory=device.type == "cuda",
-                  persistent_workers=num_workers > 0, worker_init_fn=seed_worker,
-                  generator=torch.Generator().manual_seed(int(seed)))
-    if batch_sampler is not None:
-        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, **kwargs)
-
-
 def _aug_generator(device, seed, epoch_index):
     """The augmentation RNG of one epoch, seeded by (seed, epoch): a resumed run draws the same views."""
     generator = torch.Generator(device=device)
@@ -212,8 +200,7 @@ def run(cfg, args):
     for the Ctrl-C message)."""
     run_dir = Path(args.output_dir) / args.exp_name
     last_path = run_dir / "last.pt"
-    check_output_dir(run_dir, "run directory (--output-dir/--exp-name)")
-    RunLock(run_dir).check()  # another run in this directory: refuse before the slow start-up
+    lock = claim_run_dir(run_dir, "run directory (--output-dir/--exp-name)", hint="or choose another --exp-name")
     # a run killed in its first epoch left its config and log but no last.pt: --resume starts it afresh
     attempted = (run_dir / "config.yaml").is_file() or (run_dir / "train.log").is_file()
     if args.resume and not last_path.is_file() and not attempted:
@@ -232,12 +219,12 @@ def run(cfg, args):
     device = resolve_device(cfg["training"]["device"])
     info, device = init_distributed(device)  # torchrun: one process per GPU (or gloo on the CPU)
     try:
-        return _run(cfg, args, state, run_dir, device, info)
+        return _run(cfg, args, state, run_dir, lock, device, info)
     finally:
         cleanup_distributed(info)
 
 
-def _run(cfg, args, state, run_dir, device, info):
+def _run(cfg, args, state, run_dir, lock, device, info):
     seed = cfg["training"]["seed"]
     seed_everything(seed)
     setup_log, buffer = _buffer_logger()
@@ -253,9 +240,7 @@ def _run(cfg, args, state, run_dir, device, info):
     # training.batch_size is the global batch: each of the W processes takes batch_size / W
     # patches per step, so W processes take the same steps as one (up to per-process BatchNorm)
     batch_size = cfg["training"]["batch_size"]
-    if batch_size % info.world_size:
-        raise UserError(f"training.batch_size {batch_size} is not divisible by the {info.world_size} processes "
-                        f"of torchrun; use a multiple of {info.world_size}")
+    check_global_batch(batch_size, info, "training.batch_size")
     try:
         sampler = PUBatchSampler(data.n_pos, data.n_unl, batch_size // info.world_size,
                                  ratio=tuple(data_cfg["batch_ratio"]), seed=seed,
@@ -265,25 +250,12 @@ def _run(cfg, args, state, run_dir, device, info):
             raise
         raise UserError(f"{exc} (per process: training.batch_size / {info.world_size} processes)") from None
     model_cfg = cfg["model"]
-    context = _data_context(data)
     student = FixMatchPUModel(model_cfg["backbone"], dropout=model_cfg["dropout"],
-                              pretrained=model_cfg["pretrained"], context=context).to(device)
+                              pretrained=model_cfg["pretrained"], context=_data_context(data)).to(device)
 
-    # every input is checked (by every process: none starts writing before all have looked at
-    # the run directory): from here on the main process writes the run directory
-    barrier(info)
-    lock = RunLock(run_dir, hint="or choose another --exp-name")
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        lock.acquire()  # held until the run ends (only by the main process)
-        logger = setup_run_logger(str(run_dir.resolve()), run_dir / "train.log")
-    else:  # the other processes log nothing
-        logger = setup_run_logger(f"{run_dir.resolve()}#rank{info.rank}", None, console=False)
-    try:
-        logger.info(f"git {git_revision()} | device {device} | torch {torch.__version__}"
-                    + (f" | {info.world_size} processes (DistributedDataParallel)" if info.enabled else ""))
-        if info.is_main:
-            lock.tidy(logger)
+    # every input is checked: from here on the main process writes the run directory
+    with open_run(run_dir, lock, info, "train.log", device, "--resume", cfg["training"]["epochs"],
+                  getattr(args, "command", None)) as logger:
         if args.resume and state is None:
             logger.info(f"--resume: no last.pt in {run_dir}: the previous attempt stopped before its first epoch "
                         f"ended; starting afresh at epoch 1")
@@ -294,17 +266,6 @@ def _run(cfg, args, state, run_dir, device, info):
             dump_config(cfg, run_dir / "config.yaml")
         return _train(cfg, state, device, data, prior, sampler, student, run_dir, logger,
                       lambda step: make_summary_writer(run_dir, purge_step=step), info)
-    except UserError as exc:
-        logger.error("error: " + " ".join(str(exc).split()), extra={"file_only": True})
-        raise
-    except KeyboardInterrupt:
-        command = getattr(args, "command", None) or rerun_command(sys.argv[0], add=("--resume",))
-        stop = interruption(run_dir / "last.pt", cfg["training"]["epochs"], command)
-        logger.error(f"interrupted: {stop}", extra={"file_only": True})
-        raise stop from None
-    finally:
-        close_run_logger(logger)
-        lock.release()
 
 
 class _LazyWriter:
@@ -327,9 +288,97 @@ class _LazyWriter:
             self.writer.close()
 
 
+@dataclasses.dataclass
+class _Parts:
+    """What the CryoEM loop trains with (built by :func:`_build`)."""
+    train_model: torch.nn.Module
+    teacher: EMATeacher
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    params: StepParams
+    precision: object
+    fmt: torch.memory_format
+    loaders: dict
+    total_steps: int
+
+
+def _build(cfg, device, data, prior, sampler, student, logger, info):
+    """Fast path, teacher, optimiser, cosine schedule, step parameters and loaders of a run."""
+    training, model_cfg, data_cfg = cfg["training"], cfg["model"], cfg["data"]
+    # GPU fast path (utils/precision.py; all no-ops on the CPU): channels-last weights before the
+    # teacher copies them, autocast + GradScaler, cuDNN autotuning, optional torch.compile
+    fmt = memory_format(device, training["channels_last"])
+    student.to(memory_format=fmt)
+    precision = make_precision(device, training["amp"])
+    backends = configure_backends(device, training["deterministic"])
+    train_model = maybe_compile(wrap_ddp(student, info, device), training["compile"])
+    logger.info(fast_path_line(precision, fmt, training["compile"], backends))
+    teacher = EMATeacher(student, decay=model_cfg["ema_decay"], enabled=model_cfg["use_ema"])
+    # the fused kernel: one pass over all parameters (on the CPU ~50x faster than the per-tensor loop)
+    fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
+    optimizer = torch.optim.Adam(student.parameters(), lr=training["learning_rate"],
+                                 weight_decay=training["weight_decay"], **fused)
+    total_steps = training["epochs"] * len(sampler)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=training["min_lr"])
+    params = StepParams.from_config(cfg, prior)
+    window = data.patch_size - 2 * unwrap_model(student).context
+    if window != data.patch_size:  # shift the particle by up to window/8, not (window + context)/8
+        params = dataclasses.replace(params, shift_fraction=params.shift_fraction * window / data.patch_size)
+        logger.info(f"context {unwrap_model(student).context} px around a {window} px window: augmentation shifts "
+                    f"up to {params.shift_fraction * data.patch_size:g} px per axis (the window's 1/8)")
+    loader = functools.partial(seeded_loader, device=device, num_workers=data_cfg["num_workers"], seed=training["seed"])
+    loaders = {"train": loader(data.train, batch_sampler=sampler)}
+    for split in ("val", "test"):
+        dataset = getattr(data, split)
+        loaders[split] = loader(dataset, batch_size=2 * training["batch_size"]) if len(dataset) else None
+    return _Parts(train_model, teacher, optimizer, scheduler, params, precision, fmt, loaders, total_steps)
+
+
+def _resume(state, cfg, parts, student, early, run_dir, logger):
+    """Load last.pt into the run's objects; return ``(best_auc, best_epoch, epochs done, stopped, finished)``."""
+    epochs = cfg["training"]["epochs"]
+    try:
+        student.load_state_dict(state["student"])
+        parts.teacher.load_state_dict(state["teacher"])
+        parts.optimizer.load_state_dict(state["optimizer"])
+        restore_scaler(parts.precision, state)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise UserError(f"{run_dir / 'last.pt'} does not fit model.backbone {cfg['model']['backbone']} "
+                        f"({type(exc).__name__}: {first})") from None
+    scheduler = parts.scheduler
+    scheduler.load_state_dict(state["scheduler"])
+    early.load_state_dict(state["early_stopping"])
+    done_epochs, stopped = int(state["epoch"]), bool(state["stopped"])
+    set_rng_state(state["rng_state"])
+    finished = stopped or done_epochs >= epochs
+    if finished:
+        logger.info(finished_line(run_dir / "last.pt", done_epochs, stopped, f"training.epochs {epochs}"))
+    else:
+        if scheduler.T_max != parts.total_steps:
+            logger.info(f"training.epochs is now {epochs} (was {state['config']['training']['epochs']}): the cosine "
+                        f"schedule is stretched to {parts.total_steps} steps from step {scheduler.last_epoch}")
+            _set_cosine_total(scheduler, parts.total_steps, scheduler.last_epoch)
+        logger.info(f"resumed from {run_dir / 'last.pt'} at epoch {done_epochs + 1}")
+    return state["best_auc"], int(state["best_epoch"]), done_epochs, stopped, finished
+
+
+def _validate(parts, student, epoch, device, info):
+    """Val metrics of the EMA teacher and the student's val AUC (main process; shared with all)."""
+    val, student_auc = None, float("nan")  # student AUC: how far the EMA teacher lags behind the student
+    loader, teacher = parts.loaders["val"], parts.teacher
+    if loader is not None and info.is_main:
+        val = _metrics(*evaluate(teacher.model, loader, device, desc=f"epoch {epoch} val",
+                                 precision=parts.precision, memory_format=parts.fmt))
+        if teacher.enabled:
+            student_auc = _metrics(*evaluate(student, loader, device, desc=f"epoch {epoch} val (student)",
+                                             precision=parts.precision, memory_format=parts.fmt))["auc"]
+    return broadcast_object((val, student_auc), info)
+
+
 def _train(cfg, state, device, data, prior, sampler, student, run_dir, logger, writer_factory, info=DistInfo()):
     training, model_cfg, data_cfg = cfg["training"], cfg["model"], cfg["data"]
-    epochs, seed, num_workers = training["epochs"], training["seed"], data_cfg["num_workers"]
+    epochs, seed = training["epochs"], training["seed"]
     counts = data_counts(data, prior)
     logger.info(f"data {data_cfg['data_dir']}: {counts['n_train_positive']} positive + "
                 f"{counts['n_train_unlabeled']} unlabelled training patches of {counts['patch_size']} px; "
@@ -341,71 +390,16 @@ def _train(cfg, state, device, data, prior, sampler, student, run_dir, logger, w
                 + (f" per process ({info.world_size} processes)" if info.enabled else "") + " per epoch, ratio "
                 f"{data_cfg['batch_ratio'][0]}:{data_cfg['batch_ratio'][1]}"
                 f" | {'selective' if cfg['loss']['selective'] else 'standard'} FixMatch")
-
-    # GPU fast path (utils/precision.py; all no-ops on the CPU): channels-last weights before the
-    # teacher copies them, autocast + GradScaler, cuDNN autotuning, optional torch.compile
-    fmt = memory_format(device, training["channels_last"])
-    student.to(memory_format=fmt)
-    precision = make_precision(device, training["amp"])
-    backends = configure_backends(device, training["deterministic"])
-    train_model = maybe_compile(wrap_ddp(student, info, device), training["compile"])
-    save = save_checkpoint if info.is_main else (lambda obj, path: None)  # only the main process writes
-    logger.info(f"fast path: precision {precision.describe()}, "
-                f"{'channels-last' if fmt == torch.channels_last else 'contiguous'}, {backends}, "
-                f"torch.compile {'on' if training['compile'] else 'off'}")
-    teacher = EMATeacher(student, decay=model_cfg["ema_decay"], enabled=model_cfg["use_ema"])
-    # the fused kernel: one pass over all parameters (on the CPU ~50x faster than the per-tensor loop)
-    fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
-    optimizer = torch.optim.Adam(student.parameters(), lr=training["learning_rate"],
-                                 weight_decay=training["weight_decay"], **fused)
-    total_steps = epochs * len(sampler)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=training["min_lr"])
+    parts = _build(cfg, device, data, prior, sampler, student, logger, info)
+    teacher, save = parts.teacher, main_only(save_checkpoint, info)
     early = EarlyStopping(training["early_stopping_patience"])
-    params = StepParams.from_config(cfg, prior)
-    window = data.patch_size - 2 * unwrap_model(student).context
-    if window != data.patch_size:  # shift the particle by up to window/8, not (window + context)/8
-        params = dataclasses.replace(params, shift_fraction=params.shift_fraction * window / data.patch_size)
-        logger.info(f"context {unwrap_model(student).context} px around a {window} px window: augmentation shifts "
-                    f"up to {params.shift_fraction * data.patch_size:g} px per axis (the window's 1/8)")
-    train_loader = _loader(data.train, device, num_workers, seed, batch_sampler=sampler)
-    eval_batch = 2 * training["batch_size"]
-    val_loader = _loader(data.val, device, num_workers, seed, batch_size=eval_batch) if len(data.val) else None
-    test_loader = _loader(data.test, device, num_workers, seed, batch_size=eval_batch) if len(data.test) else None
-
     best_auc, best_epoch, start_epoch, stopped = None, 0, 0, False  # epochs are counted from 1; 0 = none yet
     if state is not None:
-        try:
-            student.load_state_dict(state["student"])
-            teacher.load_state_dict(state["teacher"])
-            optimizer.load_state_dict(state["optimizer"])
-            if state.get("scaler") and precision.scaler.is_enabled():  # float16 loss scale
-                precision.scaler.load_state_dict(state["scaler"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            first = (str(exc).strip().splitlines() or [""])[0][:160]
-            raise UserError(f"{run_dir / 'last.pt'} does not fit model.backbone {model_cfg['backbone']} "
-                            f"({type(exc).__name__}: {first})") from None
-        scheduler.load_state_dict(state["scheduler"])
-        early.load_state_dict(state["early_stopping"])
-        best_auc, best_epoch = state["best_auc"], int(state["best_epoch"])
-        start_epoch, stopped = int(state["epoch"]), bool(state["stopped"])
-        set_rng_state(state["rng_state"])
-        done = stopped or start_epoch >= epochs
-        if done:
-            why = "stopped early" if stopped else f"reached training.epochs {epochs}"
-            logger.info(f"{run_dir / 'last.pt'}: this run already {why} after epoch {start_epoch}; nothing to train")
-        else:
-            if scheduler.T_max != total_steps:
-                logger.info(f"training.epochs is now {epochs} (was {state['config']['training']['epochs']}): the cosine "
-                            f"schedule is stretched to {total_steps} steps from step {scheduler.last_epoch}")
-                _set_cosine_total(scheduler, total_steps, scheduler.last_epoch)
-            logger.info(f"resumed from {run_dir / 'last.pt'} at epoch {start_epoch + 1}")
-        if done and (run_dir / "results.json").is_file():
-            try:
-                results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
-            except json.JSONDecodeError:
-                results = None  # rewritten below
-            if isinstance(results, dict):
-                return {**results, "run_dir": str(run_dir)}
+        best_auc, best_epoch, start_epoch, stopped, finished = _resume(state, cfg, parts, student, early, run_dir,
+                                                                       logger)
+        results = _read_results(run_dir) if finished else None
+        if results is not None:
+            return results
 
     factory = writer_factory if info.is_main else (lambda step: NullSummaryWriter())
     writer = _LazyWriter(factory, purge_step=start_epoch + 1)
@@ -414,69 +408,38 @@ def _train(cfg, state, device, data, prior, sampler, student, run_dir, logger, w
         for epoch_index in range(start_epoch, epochs if not stopped else start_epoch):
             epoch = epoch_index + 1
             sampler.set_epoch(epoch_index)
-            stats = train_one_epoch(train_model, teacher, train_loader, optimizer, scheduler, params, epoch_index,
-                                    device, desc=f"epoch {epoch} train",
+            stats = train_one_epoch(parts.train_model, teacher, parts.loaders["train"], parts.optimizer,
+                                    parts.scheduler, parts.params, epoch_index, device, desc=f"epoch {epoch} train",
                                     generator=_aug_generator(device, seed + 7919 * info.rank, epoch_index),
-                                    precision=precision, memory_format=fmt)
+                                    precision=parts.precision, memory_format=parts.fmt)
             # every process trained on its own batches: log the mean (counts and throughput: the sum)
             stats = mean_over_processes(stats, info, device, sum_keys=("steps", "patches", "patches_per_s"))
-            val = None
-            student_auc = float("nan")  # diagnostic: how far the EMA teacher lags behind the student
-            if val_loader is not None and info.is_main:
-                val = _metrics(*evaluate(teacher.model, val_loader, device, desc=f"epoch {epoch} val",
-                                         precision=precision, memory_format=fmt))
-                if val is not None and teacher.enabled:
-                    student_auc = _metrics(*evaluate(student, val_loader, device, desc=f"epoch {epoch} val (student)",
-                                                     precision=precision, memory_format=fmt))["auc"]
             # the main process's validation decides best model and early stopping for all processes
-            val, student_auc = broadcast_object((val, student_auc), info)
+            val, student_auc = _validate(parts, student, epoch, device, info)
             auc = val["auc"] if val is not None else float("nan")
             improved = not math.isnan(auc) and (best_auc is None or auc > best_auc)
             fallback = math.isnan(auc) and best_auc is None  # val cannot rank: keep the latest epoch
             if improved or fallback:
                 best_auc, best_epoch = (auc if improved else None), epoch
                 save({"model": teacher.model.state_dict(), "student": student.state_dict(), "config": cfg,
-                                 "epoch": epoch, "val_metrics": val, "backbone": model_cfg["backbone"],
-                                 "patch_size": int(data.patch_size), "prior": prior,
-                                 "context": unwrap_model(student).context,
-                                 # how the patches were made (downsampling, normalisation, particle
-                                 # radius): pick_particles.py prepares micrographs the same way
-                                 "data_metadata": to_json_safe(data.metadata)}, run_dir / "best_model.pt")
+                      "epoch": epoch, "val_metrics": val, "backbone": model_cfg["backbone"],
+                      "patch_size": int(data.patch_size), "prior": prior, "context": unwrap_model(student).context,
+                      # how the patches were made (downsampling, normalisation, particle radius):
+                      # pick_particles.py prepares micrographs the same way
+                      "data_metadata": to_json_safe(data.metadata)}, run_dir / "best_model.pt")
                 if fallback and not warned_nan_auc:
                     logger.info("val AUC is undefined (val is empty or holds one class only): best_model.pt holds "
                                 "the latest epoch and early stopping is off")
                     warned_nan_auc = True
             if not math.isnan(auc):
                 stopped = early.step(improved)
-
-            for key in TRAIN_SCALARS:
-                if not math.isnan(stats[key]):
-                    writer.add_scalar(f"train/{key}", stats[key], epoch)
-            for key in VAL_SCALARS if val is not None else ():
-                if not math.isnan(val[key]):
-                    writer.add_scalar(f"val/{key}", val[key], epoch)
-            if not math.isnan(student_auc):
-                writer.add_scalar("val/student_auc", student_auc, epoch)
-            writer.flush()
-            logger.info(
-                f"epoch {epoch}/{epochs} | loss {stats['loss']:.4f} (pos {stats['loss_pos']:.4f} neg "
-                f"{stats['loss_neg']:.4f} nn {stats['nn_correction_rate']:.2f}) | cons {stats['consistency_loss']:.4f} "
-                f"x{stats['consistency_weight']:.2f} | ent {stats['entropy_loss']:.4f} x{stats['entropy_weight']:.3g} | "
-                f"mask {_fmt(stats['mask_rate'], '.3f')} pseudo+ {_fmt(stats['pseudo_positive_rate'], '.3f')} | "
-                f"lr {stats['lr']:.2e} | {stats['patches_per_s']:.0f} patches/s {stats['seconds']:.1f}s | "
-                + (f"val auc {_fmt(val['auc'])} ap {_fmt(val['ap'])} precision {_fmt(val['precision'])} "
-                   f"recall {_fmt(val['recall'])} f1 {_fmt(val['f1'])} best_f1 {_fmt(val['best_f1'])}"
-                   + (f" (student auc {_fmt(student_auc)})" if teacher.enabled else "")
-                   if val is not None else "no val set")
-                + (" | new best" if improved else ""))
-
+            _log_epoch(writer, logger, stats, val, student_auc, teacher.enabled, epoch, epochs, improved)
             save({"epoch": epoch, "student": student.state_dict(), "teacher": teacher.state_dict(),
-                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                             "scaler": precision.scaler.state_dict(),
-                             "best_auc": best_auc, "best_epoch": best_epoch, "early_stopping": early.state_dict(),
-                             "stopped": stopped, "split": data.split, "rng_state": rng_state(), "config": cfg,
-                             "backbone": model_cfg["backbone"], "patch_size": int(data.patch_size)},
-                            run_dir / "last.pt")
+                  "optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),
+                  "scaler": parts.precision.scaler.state_dict(), "best_auc": best_auc, "best_epoch": best_epoch,
+                  "early_stopping": early.state_dict(), "stopped": stopped, "split": data.split,
+                  "rng_state": rng_state(), "config": cfg, "backbone": model_cfg["backbone"],
+                  "patch_size": int(data.patch_size)}, run_dir / "last.pt")
             start_epoch = epoch
             if stopped:
                 logger.info(f"early stopping: val AUC has not improved for {training['early_stopping_patience']} "
@@ -490,11 +453,42 @@ def _train(cfg, state, device, data, prior, sampler, student, run_dir, logger, w
         logger.info(f"student parameters identical on the {info.world_size} processes")
     barrier(info)  # best_model.pt and last.pt are on disk
     if info.is_main:
-        results = _finish(cfg, data, counts, teacher, test_loader, device, run_dir, logger, start_epoch)
+        _finish(cfg, data, counts, teacher, parts.loaders["test"], device, run_dir, logger, start_epoch)
     barrier(info)
-    if not info.is_main:
-        results = {**json.loads((run_dir / "results.json").read_text(encoding="utf-8")), "run_dir": str(run_dir)}
-    return results
+    return _read_results(run_dir)
+
+
+def _read_results(run_dir):
+    """results.json's dict plus ``run_dir``; None when the file is missing or unreadable (then rewritten)."""
+    try:
+        results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return {**results, "run_dir": str(run_dir)} if isinstance(results, dict) else None
+
+
+def _log_epoch(writer, logger, stats, val, student_auc, ema, epoch, epochs, improved):
+    """TensorBoard scalars of the epoch and its train.log line."""
+    for key in TRAIN_SCALARS:
+        if not math.isnan(stats[key]):
+            writer.add_scalar(f"train/{key}", stats[key], epoch)
+    for key in VAL_SCALARS if val is not None else ():
+        if not math.isnan(val[key]):
+            writer.add_scalar(f"val/{key}", val[key], epoch)
+    if not math.isnan(student_auc):
+        writer.add_scalar("val/student_auc", student_auc, epoch)
+    writer.flush()
+    logger.info(
+        f"epoch {epoch}/{epochs} | loss {stats['loss']:.4f} (pos {stats['loss_pos']:.4f} neg "
+        f"{stats['loss_neg']:.4f} nn {stats['nn_correction_rate']:.2f}) | cons {stats['consistency_loss']:.4f} "
+        f"x{stats['consistency_weight']:.2f} | ent {stats['entropy_loss']:.4f} x{stats['entropy_weight']:.3g} | "
+        f"mask {_fmt(stats['mask_rate'], '.3f')} pseudo+ {_fmt(stats['pseudo_positive_rate'], '.3f')} | "
+        f"lr {stats['lr']:.2e} | {stats['patches_per_s']:.0f} patches/s {stats['seconds']:.1f}s | "
+        + (f"val auc {_fmt(val['auc'])} ap {_fmt(val['ap'])} precision {_fmt(val['precision'])} "
+           f"recall {_fmt(val['recall'])} f1 {_fmt(val['f1'])} best_f1 {_fmt(val['best_f1'])}"
+           + (f" (student auc {_fmt(student_auc)})" if ema else "")
+           if val is not None else "no val set")
+        + (" | new best" if improved else ""))
 
 
 def _finish(cfg, data, counts, teacher, test_loader, device, run_dir, logger, epochs_run):
@@ -569,8 +563,8 @@ def _picking_threshold(model, data, prior, val, device, cfg):
         generator = torch.Generator().manual_seed(int(cfg["training"]["seed"]))
         index = index[torch.randperm(n_unl, generator=generator)[:MAX_THRESHOLD_PATCHES]]
     subset = torch.utils.data.Subset(data.train, index.tolist())
-    loader = _loader(subset, device, cfg["data"]["num_workers"], cfg["training"]["seed"],
-                     batch_size=2 * cfg["training"]["batch_size"])
+    loader = seeded_loader(subset, device, cfg["data"]["num_workers"], cfg["training"]["seed"],
+                           batch_size=2 * cfg["training"]["batch_size"])
     _, scores = evaluate(model, loader, device, desc="threshold")
     value = prior_threshold(scores.numpy(), prior)
     return {"value": value, "rule": "prior_windows", "prior": float(prior), "n_windows": len(index),
