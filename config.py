@@ -20,7 +20,7 @@ N = 224
 MEAN = (0.005, 0.190, 0.006)
 STD = (0.008, 0.102, 0.008)
 
-# Model and optimisation (the seed README's defaults).
+# Model and optimisation (the reference code's README's defaults).
 ARCH = "resnet50"
 LR = 5e-3
 WEIGHT_LR = 5e-3
@@ -30,7 +30,7 @@ TEST_BATCH_SIZE = 64
 WEIGHT_DECAY = 0.0
 PATIENCE = 4            # stop after this many epochs without any metric improving (0 = never)
 
-# Method defaults (the seed README's; the recommended full model is
+# Method defaults (the reference code's README's; the recommended full model is
 # --initWeight iw-sample --updateLR ulr-adaptive --granularity label --sampling --trainingLabel pseudo).
 INIT_WEIGHT = "iw-ones"
 UPDATE_LR = "ulr-ones"

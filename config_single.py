@@ -20,7 +20,7 @@ N = 224
 MEAN = (0.005, 0.190, 0.006)
 STD = (0.008, 0.102, 0.008)
 
-# Model and optimisation (the seed README's defaults; its single-label command adds --lr 1e-3).
+# Model and optimisation (the reference code's README's defaults; its single-label command adds --lr 1e-3).
 ARCH = "resnet50"
 LR = 5e-3
 WEIGHT_LR = None        # the reference main_single.py put its weights in the network's Adam at --lr

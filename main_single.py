@@ -1,4 +1,4 @@
-"""Self-paced training on single-label ANA images (the seed README's third command).
+"""Self-paced training on single-label ANA images (the reference code's README's third command).
 
     python main_single.py --saveModel --lr 1e-3
 

@@ -6,7 +6,7 @@
 Settings come from the YAML config (utils/cryoem/config.py holds the defaults and checks);
 the flags below override it. Outputs go to <output-dir>/<exp-name>/: config.yaml, train.log,
 TensorBoard events, best_model.pt (EMA teacher with the best val AUC), last.pt (--resume)
-and results.json (test metrics of the best model). See SPEC_CRYOEM.md.
+and results.json (test metrics of the best model). See the README, "CryoEM PU + Selective FixMatch".
 """
 import argparse
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Micrographs + particle coordinates -> the PU training files (SPEC_CRYOEM.md, "Data").
+"""Micrographs + particle coordinates -> the PU training files.
 
 Frames. Coordinates are particle centres in the ORIGINAL micrograph's pixels (x = column,
 y = row of the array as read, see :mod:`datasets.micrographs`). A micrograph of ``H x W``

@@ -13,7 +13,7 @@ Two ways to compute it:
 
 * ``"crops"``: the reference. Cut every patch out (batched with ``unfold``, one map row
   at a time) and run the whole classifier on it, exactly as on a training patch.
-* ``"dense"`` (default, SPEC_CRYOEM.md "Picking"): run the convolutional trunk once over the
+* ``"dense"`` (default, README "Context and dense picking"): run the convolutional trunk once over the
   whole padded micrograph. A ResNet trunk has output stride ``S = 32``: feature ``i`` of the
   whole-image map and feature ``k`` of a patch that starts at input row ``i0 * S`` are
   computed by the same weights on input grids with the same alignment, so the patch's

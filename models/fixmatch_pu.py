@@ -1,4 +1,4 @@
-"""The CryoEM patch classifier (grey ResNet + one-logit head) and its EMA teacher (SPEC_CRYOEM.md, "Model")."""
+"""The CryoEM patch classifier (grey ResNet + one-logit head) and its EMA teacher."""
 import copy
 
 import torch

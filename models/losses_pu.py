@@ -1,4 +1,4 @@
-"""Losses and ramp schedules of PU + Selective FixMatch training (SPEC_CRYOEM.md, "Losses").
+"""Losses and ramp schedules of PU + Selective FixMatch training.
 
 Notation: logits ``z``, ``p = sigmoid(z)``, ``BCE(z, y) = -y log p - (1 - y) log(1 - p)``, computed
 from logits as ``BCE(z, 1) = softplus(-z)`` and ``BCE(z, 0) = softplus(z)`` (no overflow, no log 0).

@@ -38,6 +38,7 @@ import preprocess_cryoem
 import train_pu_selective_fixmatch as cryo_entry
 import utils.ana.train as ana_train
 import utils.cryoem.train as cryo_trainer
+import utils.run as run_frame
 from conftest import cpu_argv, expect_error_line
 from datasets.synthetic_cryoem import generate_cryoem_demo
 from models.fixmatch_pu import FixMatchPUModel
@@ -202,7 +203,8 @@ def test_a_complete_tile_cache_need_not_be_writable(ana_done, tiny_ana_master, s
     """A shared read-only cache that holds every tile needs no write: only a missing file asks for one."""
     checked = []
     original = ana_train.check_output_dir
-    monkeypatch.setattr(ana_train, "check_output_dir", lambda path, flag: checked.append(flag) or original(path, flag))
+    for module in (ana_train, run_frame):  # the run directory is checked by utils/run.py, the cache by the run
+        monkeypatch.setattr(module, "check_output_dir", lambda path, flag: checked.append(flag) or original(path, flag))
     main.main(cpu_argv(tiny_ana_master, tmp_path / "run", shared / "cache", "--epoch", "1"))
     assert checked == ["--pathModelParams"]
     main.main(cpu_argv(tiny_ana_master, tmp_path / "run2", tmp_path / "new_cache", "--epoch", "1"))

@@ -5,7 +5,8 @@ class EarlyStopping:
     """Stop when none of the watched metrics has improved for ``patience`` consecutive epochs.
 
     The counter resets whenever any watched metric reaches a new best (the reference code's
-    rule; its counter stops at 5, SPEC_ANA.md asks for 4 epochs without improvement).
+    rule; the reference stops when its counter reaches 5, ``--patience`` defaults to 4: README,
+    "Differences from the reference").
     """
 
     def __init__(self, patience):

@@ -35,7 +35,7 @@ from utils.run import (check_global_batch, claim_run_dir, fast_path_line, finish
                        restore_scaler)
 from utils.seed import rng_state, seed_everything, seeded_loader, set_rng_state
 
-# val metric key -> checkpoint file suffix of the seed README ({epoch}_f1mi.pt, ...)
+# val metric key -> checkpoint file suffix of the reference code's README ({epoch}_f1mi.pt, ...)
 BEST_METRICS = {"f1_mi": "f1mi", "f1_ma": "f1ma", "acc_total": "acc", "mAP": "mAP"}
 # The range of every numeric flag: the argparse type (checked at parse time) and, for the
 # defaults that come from the config module, _check_args.
@@ -49,7 +49,7 @@ ARG_TYPES = {
 
 
 def add_arguments(parser, cfg):
-    """Declare every flag of the seed README plus ours; defaults come from ``cfg``."""
+    """Declare every flag of the reference code's README plus ours; defaults come from ``cfg``."""
     g = parser.add_argument_group("optimisation")
     g.add_argument("--lr", type=ARG_TYPES["lr"], default=cfg.LR,
                    help="network learning rate (default: %(default)s)")

@@ -1,7 +1,7 @@
 """Configuration of the CryoEM PU + Selective FixMatch trainer: defaults < YAML < command line.
 
 A config is a nested dict with four sections (``data``, ``loss``, ``model``, ``training``).
-:data:`DEFAULTS` holds the design document's values; ``load_config(path)`` reads a YAML file,
+:data:`DEFAULTS` holds the method's default settings (README, "Config"); ``load_config(path)`` reads a YAML file,
 checks it and merges it over the defaults; ``apply_cli_overrides(cfg, args)`` lets the few
 command-line flags win; ``dump_config`` writes the resolved config beside a run's outputs.
 
@@ -49,7 +49,7 @@ def _thaw(tree):
     return copy.deepcopy(tree)
 
 
-# The design document's values (seeds/cryoem_pu_selective_fixmatch.md). Read-only: it is a
+# The method's default settings (README, "Config"). Read-only: it is a
 # MappingProxyType tree, so no caller can change the defaults another caller sees; use
 # default_config() for a mutable copy.
 DEFAULTS = _freeze({

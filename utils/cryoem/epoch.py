@@ -1,6 +1,6 @@
 """One CryoEM PU + Selective FixMatch training epoch, and the evaluation pass.
 
-A training step (SPEC_CRYOEM.md "Losses", "Training"), for a batch ``x`` [B, 1, S, S] with
+A training step (nnPU: Kiryo et al. 2017; FixMatch: Sohn et al. 2020), for a batch ``x`` [B, 1, S, S] with
 ``is_positive`` [B] drawn by :class:`datasets.cryoem_dataset_pu.PUBatchSampler`:
 
 1. ``weak = weak_augment(x)``; ``strong = strong_augment(x[U])`` for the unlabelled samples U

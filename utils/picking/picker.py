@@ -1,4 +1,4 @@
-"""Pick particles on whole micrographs with a trained classifier (SPEC_CRYOEM.md, "Picking").
+"""Pick particles on whole micrographs with a trained classifier.
 
 One micrograph: read -> downsample + normalise exactly as the training patches were made
 (the checkpoint's ``data_metadata``, written by preprocess_cryoem.py) -> probability map
