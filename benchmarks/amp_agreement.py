@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a file: make the repository's packages i
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from datasets.synthetic_cryoem import generate_cryoem_demo  # noqa: E402
-from utils import cryoem_trainer  # noqa: E402
+from utils.cryoem import train as cryoem_trainer  # noqa: E402
 from utils.cryoem.config import default_config  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
 from utils.errors import exit_on_user_error  # noqa: E402

@@ -4,7 +4,7 @@
     python benchmarks/bench_ana.py --device cuda         # GPU: resnet50 on 224 px tiles (the paper's setting)
 
 In one process, on the same generated data (``datasets.synthetic_ana``), the same model object,
-the same DataLoader settings (``utils.ana.train._loader``: cached tiles, workers, pinned memory
+the same DataLoader settings (``utils.seed.seeded_loader``: cached tiles, workers, pinned memory
 on CUDA, persistent workers), the same batch size and main.py's fast path for both (``--amp``:
 bf16 autocast, or fp16 + GradScaler, on a GPU; ``--channels-last``; cuDNN autotuning; all of them
 no-ops on the CPU, where main.py trains in float32), it times:
@@ -60,11 +60,11 @@ from main import build_parser as build_main_parser
 from models.backbones import RESNETS, build_resnet_classifier
 from models.sample_weights import InstanceWeights, init_weights
 from utils.ana.epoch import BatchPreprocessor, EpochSetup, bag_max, predict, train_epoch
-from utils.ana.train import _loader, load_splits, weight_lr
+from utils.ana.train import load_splits, weight_lr
 from utils.device import resolve_device
 from utils.errors import exit_on_user_error
 from utils.precision import configure_backends, make_precision, memory_format
-from utils.seed import seed_everything
+from utils.seed import seed_everything, seeded_loader
 
 # main.py's full model (config.py and the README: "the recommended full model")
 FULL_METHOD = ("--initWeight", "iw-sample", "--updateLR", "ulr-adaptive", "--granularity", "label",
@@ -177,7 +177,8 @@ class AnaMethod:
                                   lr=weight_lr(args), update_lr=args.updateLR, grouping=args.weightGroups,
                                   weight_decay=args.weightDecay).to(device)
         sampler = InstanceSampler(len(train_tiles), seed=args.seed)
-        self.loader = TimedLoader(_loader(CachedTileDataset(cache), batch_size, num_workers, device, sampler))
+        self.loader = TimedLoader(seeded_loader(CachedTileDataset(cache), device, num_workers, args.seed, batch_size=batch_size,
+                                               sampler=sampler))
         preprocess = BatchPreprocessor(config.MEAN, config.STD, device, memory_format=fast["memory_format"])
         self.setup = EpochSetup(model, self.loader, sampler, optimizer, weights, tile_labels, targets, preprocess,
                                 fast["precision"], granularity=args.granularity, training_label=args.trainingLabel,
@@ -199,7 +200,8 @@ class PlainBCE:
                                           weight_decay=args.weightDecay)
         self.tile_labels = train_tiles.tile_labels.to(device)
         self.sampler = InstanceSampler(len(train_tiles), seed=args.seed)  # no weights: a shuffle
-        self.loader = TimedLoader(_loader(CachedTileDataset(cache), batch_size, num_workers, device, self.sampler))
+        self.loader = TimedLoader(seeded_loader(CachedTileDataset(cache), device, num_workers, args.seed,
+                                               batch_size=batch_size, sampler=self.sampler))
         self.preprocess = BatchPreprocessor(config.MEAN, config.STD, device, memory_format=fast["memory_format"])
         self.criterion = torch.nn.BCEWithLogitsLoss()
         self.device = device
@@ -313,7 +315,8 @@ def measure(args, arch, image_size, batch_size, n_train, device, tmp):
     # (with two copies, the ratio moved by +-10% from run to run on a 2-core VM)
     runs = [AnaMethod(ana_args, model, *common), PlainBCE(ana_args, model, *common)]
     test = tiles["test"]
-    test_loader = _loader(CachedTileDataset(caches["test"]), batch_size, args.num_workers, device)
+    test_loader = seeded_loader(CachedTileDataset(caches["test"]), device, args.num_workers, args.seed,
+                                batch_size=batch_size)
     test_preprocess = BatchPreprocessor(config.MEAN, config.STD, device, memory_format=fast["memory_format"])
 
     print(f"bench_ana: {len(tiles['train'])} training tiles, {len(test)} test tiles; "

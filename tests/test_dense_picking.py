@@ -8,7 +8,7 @@ from torch import nn
 from datasets.cryoem_preprocess import crops_at, to_original
 from models.dense import check_geometry, map_shape, probability_map, tile_spans, trunk_reach
 from models.fixmatch_pu import FixMatchPUModel
-from utils import particle_picker
+from utils.picking import picker as particle_picker
 from utils.picking.picker import PickSettings, pick_micrograph
 
 
