@@ -106,7 +106,7 @@ class TileSet:
 # converting them to the 8-bit RGB the network and MEAN/STD expect needs an intensity mapping
 # that the file does not give (12-bit camera data in 16-bit containers, floats of any range),
 # and a fixed guess (Pillow clips 16-bit values at 255 and turns floats black) trains on images
-# that differ from the ones the user sees. README, "Training on your data", says how to convert.
+# that differ from the ones the user sees. README, ANA "Data", says how to convert.
 WIDE_MODES = {"I": "32-bit integer", "F": "32-bit float"}
 
 
@@ -124,8 +124,8 @@ def _image_size(path):
             wide = _wide_mode(im.mode)
             if wide:
                 raise UserError(f"image {path} is a {wide} image (Pillow mode {im.mode}); expected 8-bit grey or "
-                                f"RGB: convert it to 8 bits with the intensity range you want (README, "
-                                f"'Training on your data')")
+                                f"RGB: convert it to 8 bits with the intensity range you want (README, ANA "
+                                f"'Data')")
             return im.size
     except FileNotFoundError:
         raise UserError(f"image {path} does not exist (check the CSV's path column and DIR_*_IMAGES / --imageDir)") from None
