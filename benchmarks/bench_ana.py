@@ -53,6 +53,7 @@ if __package__ in (None, ""):  # run as a file: make the repository's packages i
 import torch
 
 import config
+from benchmarks.common import add_fast_path_flags
 from datasets.ana import CachedTileDataset, build_tile_cache
 from datasets.samplers import InstanceSampler
 from datasets.synthetic_ana import generate_ana_demo
@@ -112,13 +113,7 @@ def build_parser():
                         "at least 3, so that every class occurs")
     p.add_argument("--n-test", type=positive_int, default=16,
                    help="generated test images (bags) of 2x2 tiles each (default: %(default)s); at least 3")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data, model and samplers (default: %(default)s)")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="mixed precision on a GPU for both paths, as main.py's --amp (default: on; float32 on "
-                        "the CPU, as main.py)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="channels-last model and batches on a GPU for both paths, as main.py's --channelsLast "
-                        "(default: on; no effect on the CPU)")
+    add_fast_path_flags(p, "main.py", "--amp", "--channelsLast", "the data, model and samplers")
     return p
 
 

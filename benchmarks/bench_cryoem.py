@@ -72,6 +72,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import add_fast_path_flags
 from datasets.cryoem_dataset_pu import PUBatchSampler
 from datasets.cryoem_preprocess import crops_at, prepare_micrograph
 from datasets.micrographs import read_micrograph
@@ -136,13 +137,8 @@ def build_parser():
                         "(default: 3 on CPU, 5 on CUDA)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads; 0 keeps torch's setting, e.g. from OMP_NUM_THREADS (default: 0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data, the weights and the augmentations (default: 0)")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="mixed precision on a GPU for both training steps, as the trainer's training.amp "
-                        "(default: on; float32 on the CPU, as the trainer)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="channels-last model and batches on a GPU for both training steps, as the trainer's "
-                        "training.channels_last (default: on; no effect on the CPU)")
+    add_fast_path_flags(p, "the trainer", "training.amp", "training.channels_last",
+                        "the data, the weights and the augmentations")
     p.add_argument("--checkpoint", default=None,
                    help="picking with this trained best_model.pt (its patch size and context) instead of the "
                         "briefly trained student (default: none)")

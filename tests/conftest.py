@@ -44,15 +44,21 @@ def ana_args(tiny_ana, tmp_path):
     return make
 
 
-def expect_error_line(capsys, entry, argv, only=False):
-    """Run ``entry.main(argv)``: exit code 2, no traceback, one ``error: ...`` line, the last on
-    stderr (after any log lines; ``only``: stderr holds nothing else); return it."""
+def expect_exit_2(capsys, entry, argv):
+    """Run ``entry.main(argv)``: exit code 2 and no traceback; return stderr."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
         entry.main(argv)
     err = capsys.readouterr().err
     assert exc.value.code == 2, err
     assert "Traceback" not in err
+    return err
+
+
+def expect_error_line(capsys, entry, argv, only=False):
+    """Run ``entry.main(argv)``: exit code 2, no traceback, one ``error: ...`` line, the last on
+    stderr (after any log lines; ``only``: stderr holds nothing else); return it."""
+    err = expect_exit_2(capsys, entry, argv)
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], err
     assert not only or len(err.strip().splitlines()) == 1, err

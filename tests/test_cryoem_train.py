@@ -34,6 +34,7 @@ import yaml
 
 import train_pu_selective_fixmatch as entry
 import utils.cryoem.train as trainer
+from conftest import expect_exit_2
 from datasets.cryoem_dataset_pu import load_pu_data
 from datasets.synthetic_cryoem import generate_cryoem_demo
 from models.fixmatch_pu import EMATeacher, FixMatchPUModel
@@ -94,13 +95,7 @@ def _link_copy(src, dst):
 
 def _expect_user_error(capsys, argv):
     """Run main; expect exit code 2, no traceback; return stderr's lines."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        entry.main(argv)
-    err = capsys.readouterr().err
-    assert exc.value.code == 2, err
-    assert "Traceback" not in err
-    return err.splitlines()
+    return expect_exit_2(capsys, entry, argv).splitlines()
 
 
 def _assert_one_error_line(lines, *culprits):
