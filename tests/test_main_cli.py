@@ -329,8 +329,11 @@ def test_full_run_args_json(full_run):
     assert args["epoch"] == 2 and args["saveModel"] is True and args["sampling"] is True
     assert (args["initWeight"], args["updateLR"], args["granularity"], args["trainingLabel"]) == \
         ("iw-sample", "ulr-adaptive", "label", "pseudo")
-    assert args["lr"] == 3e-4 and args["weight_lr"] == 1e-3
+    assert args["lr"] == 3e-4 and args["weight_lr"] == 1e-3 and args["weight_lr_used"] == 1e-3
     assert Path(args["pathModelParams"]) == full_run["run_dir"]
+    # the settings that come from config.py, not from flags, are recorded too
+    assert (args["config_module"], args["MEAN"], args["STD"], args["SINGLE_LABEL"]) == \
+        ("config", list(config.MEAN), list(config.STD), False)
 
 
 # ---------------------------------------------------------------------- 2. without --saveModel

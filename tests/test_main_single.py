@@ -198,6 +198,7 @@ def test_single_run_outputs_and_log(single_run):
     args = json.loads((run_dir / "args.json").read_text())
     assert (args["trainingLabel"], args["resampleEvery"], args["sampling"]) == ("pseudo", 2, True)
     assert (args["weightGroups"], args["valLevel"], args["weight_lr"]) == ("one", "image", None)
+    assert (args["weight_lr_used"], args["SINGLE_LABEL"], args["config_module"]) == (args["lr"], True, "config_single")
     assert "weights: one group, learning rate 0.001 (--lr)" in log
 
 
