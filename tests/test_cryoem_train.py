@@ -1,6 +1,6 @@
 """End-to-end tests of ``train_pu_selective_fixmatch.py``: tiny CPU runs through ``main([...])``.
 
-What they pin down (SPEC_CRYOEM.md "Training", "Metrics and monitoring"; STYLE.md habit 11):
+What they pin down (README, CryoEM "Run" and "Outputs"):
 
 - every output file of a 2-epoch run with all four loss terms active in epoch 2:
   ``config.yaml`` (with the command-line overrides), ``train.log`` (header and one line per

@@ -1,6 +1,6 @@
 """End-to-end tests of ``main.py``: tiny CPU runs called in-process through ``main.main([...])``.
 
-What they pin down (SPEC_ANA.md "Outputs", STYLE.md habit 11):
+What they pin down (README, ANA "Outputs"):
 
 - the content of every output file of a 2-epoch run of the full model: ``output.txt``,
   ``results.json``, ``test_predictions.csv`` (recomputed here from the saved weights: maximum

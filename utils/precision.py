@@ -2,7 +2,7 @@
 optional ``torch.compile``.
 
 Everything here is a no-op on the CPU (or when switched off), through objects rather than
-branches in the training loops (STYLE.md, habit 7): ``precision.autocast()`` is a
+branches in the training loops: ``precision.autocast()`` is a
 ``nullcontext`` and ``precision.scaler`` a disabled ``GradScaler`` whose ``scale``, ``unscale_``,
 ``step`` and ``update`` pass straight through.
 
