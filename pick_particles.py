@@ -28,9 +28,9 @@ from utils.device import resolve_device
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.logger import close_run_logger, progress, setup_run_logger
 from utils.picking.picker import (DEFAULT_FLOOR, DEFAULT_TILE, check_micrographs, load_picker, pick_micrograph,
-                                   resolve_settings, resolve_threshold, window_size)
-from utils.picking.outputs import (Staging, remove_stale_staging, flip_y, micrograph_entries, text_histogram, write_overlays, write_picks,
-                                write_summary_files)
+                                  resolve_settings, resolve_threshold, window_size)
+from utils.picking.outputs import (Staging, flip_y, log_removed_staging, micrograph_entries, text_histogram,
+                                   write_overlays, write_picks, write_summary_files)
 from utils.run_lock import RunLock
 
 
@@ -49,8 +49,8 @@ def threshold_value(text):
 
 def build_parser():
     p = ArgumentParser(description="Particle coordinates from micrographs: probability map, one greedy "
-                                            "non-maximum suppression at --min-distance, sub-cell refinement, "
-                                            "picks above --threshold, files for RELION and cryoSPARC.")
+                                   "non-maximum suppression at --min-distance, sub-cell refinement, "
+                                   "picks above --threshold, files for RELION and cryoSPARC.")
     p.add_argument("--checkpoint", required=True, help="best_model.pt of a CryoEM training run")
     p.add_argument("--micrographs", nargs="+", required=True,
                    help="micrograph files, folders or glob patterns (.mrc .tif .tiff .png .jpg); give them "
@@ -123,13 +123,11 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     lock.acquire()
     try:
-        stale = remove_stale_staging(out)  # a killed run's temporary folders (safe: we hold the lock)
         with Staging(out) as staging:
             logger = setup_run_logger("pick_particles", staging.out_dir / "picking.log")
             try:
                 lock.tidy(logger, [f for f in folders[1:] if f.is_dir()])
-                if stale:
-                    logger.info(f"removed the temporary folder(s) of an interrupted run: {', '.join(stale)}")
+                log_removed_staging(staging, logger)
                 return _pick(args, model, ckpt, device, settings, choice, paths, entries, radius, box_size,
                              staging, logger)
             except UserError as exc:

@@ -19,14 +19,15 @@ from datasets.micrographs import micrograph_shape, read_coordinates
 from utils.checks import check_output_dir, float_arg
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.logger import close_run_logger, setup_run_logger
-from utils.picking.outputs import (CANDIDATES_NAME, SUMMARY_NAME, Staging, entries_from_summary, text_histogram,
-                                write_overlays, write_picks, write_summary_files)
+from utils.picking.outputs import (CANDIDATES_NAME, SUMMARY_NAME, Staging, entries_from_summary,
+                                   log_removed_staging, text_histogram, write_overlays, write_picks,
+                                   write_summary_files)
 from utils.run_lock import RunLock
 
 
 def build_parser():
     p = ArgumentParser(description="Rewrite the picks of a pick_particles.py output folder at another "
-                                            "threshold, from its candidates.star (no network).")
+                                   "threshold, from its candidates.star (no network).")
     p.add_argument("--picks", required=True, help="output folder of pick_particles.py (holds picking.json and "
                                                    "candidates.star)")
     p.add_argument("--threshold", type=float_arg(0, 1), required=True,
@@ -89,6 +90,8 @@ def main(argv=None):
     with lock, Staging(out) as staging:
         logger = setup_run_logger("rethreshold_picks", staging.out_dir / "picking.log")
         try:
+            lock.tidy(logger)
+            log_removed_staging(staging, logger)
             picks, counts = write_picks(staging, out, candidates, args.threshold, entries, summary["box_size"])
             if overlay:
                 write_overlays(staging, entries, sources, candidates, args.threshold, summary["particle_radius"],

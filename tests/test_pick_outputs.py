@@ -261,6 +261,22 @@ def test_a_new_run_replaces_the_previous_runs_files(setup, tmp_path):
     assert list(index["rlnMicrographName"]) == [str(setup["mics"][0])]
 
 
+def test_a_killed_runs_staging_folder_is_removed_and_logged(setup, tmp_path):
+    """pick_particles.py and rethreshold_picks.py both delete a staging folder a kill left behind."""
+    out = tmp_path / "picks"
+    for run in (lambda: _pick(setup, out, "--threshold", "0.2"),
+                lambda: rethreshold_picks.main(["--picks", str(out), "--threshold", "0.3"])):
+        killed = out / ".pick-killed"
+        (killed / "box").mkdir(parents=True)
+        (killed / "box" / "half.box").write_text("1 2 3 4\n")
+        run()
+        assert not killed.exists()
+        assert not [p for p in out.iterdir() if p.name.startswith(".pick-")]
+        last_lines = (out / "picking.log").read_text().splitlines()[-20:]
+        assert any("removed the temporary folder(s) of an interrupted run: .pick-killed" in line
+                   for line in last_lines)
+
+
 def test_bad_flags(setup, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     for extra, message in ((["--tile-size", "-1"], "argument --tile-size: expected an integer >= 0, got '-1'"),

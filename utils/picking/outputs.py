@@ -47,6 +47,7 @@ from utils.io import write_json
 INDEX_NAME = "autopick.star"
 CANDIDATES_NAME = "candidates.star"
 SUMMARY_NAME = "picking.json"
+STAGING_PREFIX = ".pick-"  # a run's temporary folder inside the output folder
 
 
 @dataclass(frozen=True)
@@ -123,15 +124,23 @@ class Staging:
     every staged file to its place in ``out_dir`` (replacing what is there) and removes the files
     the previous run listed in its ``picking.json`` that this run did not write; the temporary folder
     is removed on exit in every case, so an error leaves ``out_dir`` as it was.
+
+    Enter it only while holding ``out_dir``'s run lock (utils/run_lock.py): it first deletes the
+    temporary folders a killed run left (their names in ``removed``, for the log).
     """
 
     def __init__(self, out_dir):
         self.out_dir = Path(out_dir)
         self.tmp = None
+        self.removed = []
 
     def __enter__(self):
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=".pick-", dir=self.out_dir))
+        for stale in sorted(self.out_dir.glob(STAGING_PREFIX + "*")):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+                self.removed.append(stale.name)
+        self.tmp = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.out_dir))
         return self
 
     def __exit__(self, *exc):
@@ -161,15 +170,10 @@ class Staging:
         return new
 
 
-def remove_stale_staging(out_dir):
-    """Delete the temporary folders (``.pick-*``) a killed run left in ``out_dir``; call it only
-    while holding the folder's run lock. Returns their names."""
-    removed = []
-    for tmp in sorted(Path(out_dir).glob(".pick-*")):
-        if tmp.is_dir() and not tmp.is_symlink():
-            shutil.rmtree(tmp, ignore_errors=True)
-            removed.append(tmp.name)
-    return removed
+def log_removed_staging(staging, logger):
+    """Log the temporary folders of an interrupted run that ``staging`` removed, if any."""
+    if staging.removed:
+        logger.info(f"removed the temporary folder(s) of an interrupted run: {', '.join(staging.removed)}")
 
 
 def previous_files(out_dir):
