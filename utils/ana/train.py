@@ -292,7 +292,7 @@ def run_settings(args, cfg):
             "MEAN": list(cfg.MEAN), "STD": list(cfg.STD), "SINGLE_LABEL": bool(cfg.SINGLE_LABEL)}
 
 
-def _build(args, cfg, device, model, tiles, num_classes, run_dir, logger, info):
+def _build(args, cfg, device, model, tiles, num_classes, logger, info):
     """The run's objects: optimiser, instance weights, sampler, loaders, fast path, epoch setup."""
     caches = {}
     for first in (True, False):  # the main process decodes the tiles, the others then reuse its cache
@@ -370,7 +370,7 @@ def _train(args, cfg, device, model, tiles, num_classes, run_dir, logger, writer
     if args.updateLR == "ulr-adaptive" and bool((tiles["train"].bag_labels.sum(dim=1) <= 1).all()):
         logger.info("note: every training image has one label, so ulr-adaptive gives every weight learning rate "
                     "0 and the weights keep their initial values (use --updateLR ulr-ones to let them move)")
-    setup, loaders = _build(args, cfg, device, model, tiles, num_classes, run_dir, logger, info)
+    setup, loaders = _build(args, cfg, device, model, tiles, num_classes, logger, info)
     weights, tile_labels = setup.weights, setup.tile_labels
     save = main_only(save_checkpoint, info)
     results = ResultsFile(run_dir / "results.json") if info.is_main else _NullResults()

@@ -522,7 +522,6 @@ def _finish(cfg, data, counts, teacher, test_loader, device, run_dir, logger, ep
                     + (f" | at val's best-F1 threshold {test_at_best['threshold']:.3f}: f1 {_fmt(test_at_best['f1'])}"
                        if test_at_best is not None else ""))
     logger.info(f"results in {run_dir / 'results.json'}")
-    return {**to_json_safe(results), "run_dir": str(run_dir)}  # what results.json holds (NaN -> None)
 
 
 # at most this many unlabelled training patches are scored for the prior rule (a seeded subset)
