@@ -213,6 +213,13 @@ def test_rethreshold_gives_the_picks_of_picking_at_that_threshold(setup, tmp_pat
     assert _snapshot(changed) == before
     line = _fail(capsys, rethreshold_picks.main, ["--picks", str(tmp_path), "--threshold", "0.5"])
     assert "picking.json: not found" in line
+    (tmp_path / "a_file").write_text("x")
+    line = _fail(capsys, rethreshold_picks.main, ["--picks", str(changed), "--threshold", "0.3",
+                                                  "--output-dir", str(tmp_path / "a_file")])
+    assert "--output-dir" in line and "a_file is a file" in line
+    line = _fail(capsys, rethreshold_picks.main, ["--picks", str(changed), "--threshold", "nan"])
+    assert "argument --threshold: expected a finite number in [0, 1], got 'nan'" in line
+    assert _snapshot(changed) == before
 
 
 # ----------------------------------------------------------- a folder that already holds picks
