@@ -28,9 +28,9 @@ from datasets.micrographs import list_micrographs, micrograph_key, micrograph_sh
 from utils.checks import check_output_dir, float_arg
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.figures import pr_curve_image, save_png
-from utils.picking.outputs import CANDIDATES_NAME, SUMMARY_NAME, flip_y
-from utils.picking.matching import MATCHINGS, evaluate_picks
 from utils.io import write_json
+from utils.picking.matching import MATCHINGS, evaluate_picks
+from utils.picking.outputs import CANDIDATES_NAME, SUMMARY_NAME, flip_y
 
 
 def build_parser():

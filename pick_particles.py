@@ -27,10 +27,10 @@ from utils.checks import check_output_dir, float_arg, int_arg
 from utils.device import resolve_device
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.logger import close_run_logger, progress, setup_run_logger
-from utils.picking.picker import (DEFAULT_FLOOR, DEFAULT_TILE, check_micrographs, load_picker, pick_micrograph,
-                                  resolve_settings, resolve_threshold, window_size)
 from utils.picking.outputs import (Staging, flip_y, log_removed_staging, micrograph_entries, text_histogram,
                                    write_overlays, write_picks, write_summary_files)
+from utils.picking.picker import (DEFAULT_FLOOR, DEFAULT_TILE, check_micrographs, load_picker, pick_micrograph,
+                                  resolve_settings, resolve_threshold, window_size)
 from utils.run_lock import RunLock
 
 

@@ -11,9 +11,9 @@ and results.json (test metrics of the best model). See the README, "CryoEM PU + 
 import argparse
 from pathlib import Path
 
+from utils.checks import SEED_MAX, int_arg
 from utils.cryoem.config import apply_cli_overrides, load_config
 from utils.cryoem.train import run
-from utils.checks import SEED_MAX, int_arg
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.interrupt import rerun_command
 

@@ -83,10 +83,10 @@ from utils.cryoem.config import default_config
 from utils.cryoem.epoch import StepParams, train_one_epoch
 from utils.device import resolve_device
 from utils.errors import UserError, exit_on_user_error
-from utils.precision import configure_backends, make_precision, memory_format
-from utils.picking.picker import DEFAULT_TILE, PickSettings, load_picker, pick_micrograph
-from utils.picking.peaks import find_peaks
 from utils.picking.matching import match_picks
+from utils.picking.peaks import find_peaks
+from utils.picking.picker import DEFAULT_TILE, PickSettings, load_picker, pick_micrograph
+from utils.precision import configure_backends, make_precision, memory_format
 from utils.seed import seed_everything
 
 STRIDE = 32               # picking map stride (px), the picker's default

@@ -28,8 +28,8 @@ import pandas as pd
 import starfile
 from PIL import Image
 
-from utils.io import atomic_write
 from utils.errors import UserError
+from utils.io import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.io import atomic_write
 from utils.errors import UserError
+from utils.io import atomic_write
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):

@@ -18,8 +18,8 @@ from datasets.micrographs import read_coordinates, read_micrograph
 from models.dense import probability_map
 from utils.picking.picker import load_picker
 from datasets.synthetic_micrographs import generate_micrograph_demo
-from utils.picking.matching import evaluate_picks as evaluate_picks_fn
 from utils.cryoem.config import default_config
+from utils.picking.matching import evaluate_picks as evaluate_picks_fn
 
 SIZE, RADIUS = 320, 16
 

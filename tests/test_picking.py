@@ -15,9 +15,9 @@ from sklearn import metrics as skm
 
 from utils.errors import UserError
 from utils.figures import CURVE_COLOURS, pr_curve_image
-from utils.picking.peaks import find_peaks, nms, prior_threshold, sub_cell_offsets
 from utils.picking.matching import (evaluate_picks, match_picks, match_targets,
                                     ranking_metrics)
+from utils.picking.peaks import find_peaks, nms, prior_threshold, sub_cell_offsets
 
 
 def table(rows):

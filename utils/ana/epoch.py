@@ -7,10 +7,10 @@ import torch
 from models.losses_ana import weighted_bce_loss
 from models.pseudo_labels import make_targets
 from models.sample_weights import sampler_weights
-from utils.errors import UserError
 from utils.distributed import any_over_processes, gather_from_processes
-from utils.precision import make_precision
+from utils.errors import UserError
 from utils.logger import progress
+from utils.precision import make_precision
 
 
 class BatchPreprocessor:

@@ -19,18 +19,18 @@ from models.backbones import RESNETS, build_resnet_classifier
 from models.pseudo_labels import TRAINING_LABELS
 from models.sample_weights import GRANULARITIES, GROUPINGS, INIT_METHODS, LR_METHODS, InstanceWeights, init_weights, weight_stats
 from utils.ana.epoch import BatchPreprocessor, EpochSetup, bag_max, predict, train_epoch
-from utils.distributed import (DistInfo, barrier, broadcast_object, cleanup_distributed, init_distributed,
-                               mean_over_processes, replicas_in_sync, wrap_ddp)
-from utils.precision import make_precision, maybe_compile, memory_format
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.io import ResultsFile, atomic_write, write_json
 from utils.checks import SEED_MAX, check_output_dir, float_arg, int_arg, range_problem
 from utils.device import resolve_device
+from utils.distributed import (DistInfo, barrier, broadcast_object, cleanup_distributed, init_distributed,
+                               mean_over_processes, replicas_in_sync, wrap_ddp)
 from utils.early_stopping import EarlyStopping
 from utils.errors import UserError
-from utils.logger import NullSummaryWriter, make_summary_writer
 from utils.figures import confusion_matrix_image
+from utils.io import ResultsFile, atomic_write, write_json
+from utils.logger import NullSummaryWriter, make_summary_writer
 from utils.metrics import best_improved, format_metrics, multilabel_metrics, singlelabel_metrics
+from utils.precision import make_precision, maybe_compile, memory_format
 from utils.run import (check_global_batch, claim_run_dir, fast_path_line, finished_line, main_only, open_run,
                        restore_scaler)
 from utils.seed import rng_state, seed_everything, seeded_loader, set_rng_state

@@ -22,9 +22,9 @@ from types import MappingProxyType
 
 import yaml
 
-from utils.io import atomic_write
 from utils.checks import SEED_MAX
 from utils.errors import UserError
+from utils.io import atomic_write
 
 BACKBONES = ("resnet18", "resnet34", "resnet50")
 

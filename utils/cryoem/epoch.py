@@ -24,8 +24,8 @@ from datasets.cryoem_augment import MAX_SHIFT_FRACTION, strong_augment, weak_aug
 from models.losses_pu import (consistency_weight, entropy_loss, entropy_weight, nnpu_loss,
                               selective_consistency_loss)
 from utils.errors import UserError
-from utils.precision import make_precision
 from utils.logger import progress
+from utils.precision import make_precision
 
 # Per-step quantities averaged over the epoch (the keys of train_one_epoch's result, with
 # mask_rate / pseudo_positive_rate / nn_correction_rate computed from counts instead).

@@ -32,15 +32,15 @@ from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.cryoem.config import dump_config
 from utils.cryoem.epoch import StepParams, evaluate, train_one_epoch
 from utils.device import resolve_device
-from utils.early_stopping import EarlyStopping
 from utils.distributed import (DistInfo, barrier, broadcast_object, cleanup_distributed, init_distributed,
                                mean_over_processes, replicas_in_sync, wrap_ddp)
+from utils.early_stopping import EarlyStopping
 from utils.errors import UserError
-from utils.precision import configure_backends, make_precision, maybe_compile, memory_format
+from utils.io import to_json_safe, write_json
 from utils.logger import NullSummaryWriter, make_summary_writer
 from utils.metrics import binary_metrics
 from utils.picking.peaks import prior_threshold
-from utils.io import to_json_safe, write_json
+from utils.precision import configure_backends, make_precision, maybe_compile, memory_format
 from utils.run import (check_global_batch, claim_run_dir, fast_path_line, finished_line, main_only, open_run,
                        restore_scaler)
 from utils.seed import rng_state, seed_everything, seeded_loader, set_rng_state

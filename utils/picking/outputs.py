@@ -39,10 +39,10 @@ import pandas as pd
 import starfile
 
 from datasets.micrographs import micrograph_key, read_micrograph, write_box, write_csv, write_star
-from utils.io import atomic_write
 from utils.figures import histogram_image, save_png
-from utils.picking.picker import overlay_image
+from utils.io import atomic_write
 from utils.io import write_json
+from utils.picking.picker import overlay_image
 
 INDEX_NAME = "autopick.star"
 CANDIDATES_NAME = "candidates.star"
