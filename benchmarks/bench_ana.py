@@ -64,7 +64,7 @@ from utils.ana.epoch import BatchPreprocessor, EpochSetup, bag_max, predict, tra
 from utils.ana.train import load_splits, weight_lr
 from utils.device import resolve_device
 from utils.errors import exit_on_user_error
-from utils.precision import configure_backends, make_precision, memory_format
+from utils.precision import configure_backends, make_precision, maybe_compile, memory_format
 from utils.seed import seed_everything, seeded_loader
 
 # main.py's full model (config.py and the README: "the recommended full model")
@@ -114,6 +114,9 @@ def build_parser():
     p.add_argument("--n-test", type=positive_int, default=16,
                    help="generated test images (bags) of 2x2 tiles each (default: %(default)s); at least 3")
     add_fast_path_flags(p, "main.py", "--amp", "--channelsLast", "the data, model and samplers")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the model for both paths, as main.py's --compile (default: off; the "
+                        "warm-up epoch then includes the compilation)")
     return p
 
 
@@ -304,11 +307,12 @@ def measure(args, arch, image_size, batch_size, n_train, device, tmp):
     fast = {"precision": make_precision(device, args.amp), "memory_format": memory_format(device, args.channels_last)}
     configure_backends(device)
     model = build_resnet_classifier(arch, num_classes).to(device, memory_format=fast["memory_format"])
+    train_model = maybe_compile(model, args.compile)  # as main.py: the compiled wrapper trains, the module predicts
     common = (tiles["train"], caches["train"], device, batch_size, args.num_workers, fast)
     # both paths train this one model, taking turns (each with its own Adam): the same parameter
     # tensors in the same memory, so the comparison does not depend on where two copies landed
     # (with two copies, the ratio moved by +-10% from run to run on a 2-core VM)
-    runs = [AnaMethod(ana_args, model, *common), PlainBCE(ana_args, model, *common)]
+    runs = [AnaMethod(ana_args, train_model, *common), PlainBCE(ana_args, train_model, *common)]
     test = tiles["test"]
     test_loader = seeded_loader(CachedTileDataset(caches["test"]), device, args.num_workers, args.seed,
                                 batch_size=batch_size)
@@ -326,6 +330,7 @@ def measure(args, arch, image_size, batch_size, n_train, device, tmp):
     test_s = sum(timed_test(model, test_loader, test, test_preprocess, device, fast["precision"])
                  for _ in range(args.epochs))
     return {"precision": fast["precision"].describe(), "channels_last": fast["memory_format"] == torch.channels_last,
+            "compile": bool(args.compile),
             "epochs": epochs, "train_tiles": len(tiles["train"]), "test_tiles": len(test),
             "test_bags": len(test.bags), "test_s": test_s, "tile_size": tile_size}
 
@@ -370,7 +375,7 @@ def main(argv=None):
     settings = (f"settings: {arch} | image {image_size} px (tiles {raw['tile_size']} px) | batch {batch_size} | "
                 f"workers {args.num_workers} | {raw['train_tiles']} train tiles | {raw['test_tiles']} test tiles "
                 f"({raw['test_bags']} bags) | {raw['precision']}, channels-last {'on' if raw['channels_last'] else 'off'} "
-                f"(both paths) | 1 warm-up + {args.epochs} timed epochs per path | seed {args.seed}")
+                f"{', torch.compile' if raw['compile'] else ''} (both paths) | 1 warm-up + {args.epochs} timed epochs per path | seed {args.seed}")
     print_table(environment_line(device), settings, result)
     return result
 

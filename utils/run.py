@@ -17,6 +17,7 @@ import sys
 from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 
 from utils.checks import check_output_dir
 from utils.distributed import barrier
@@ -45,7 +46,8 @@ def check_global_batch(batch_size, info, flag):
 def header_line(device, info):
     """The first line of a run's log: code revision, device, torch, processes."""
     return (f"git {git_revision()} | device {device} | torch {torch.__version__}"
-            + (f" | {info.world_size} processes (DistributedDataParallel)" if info.enabled else ""))
+            + (f" | {info.world_size} processes (DistributedDataParallel) over {dist.get_backend()}"
+               if info.enabled else ""))
 
 
 def fast_path_line(precision, fmt, compiled, backends=None):

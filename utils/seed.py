@@ -38,10 +38,13 @@ def rng_state():
 
 
 def set_rng_state(state):
-    """Restore what :func:`rng_state` saved (CUDA states only where CUDA is present)."""
-    torch.set_rng_state(state["torch"])
+    """Restore what :func:`rng_state` saved (CUDA states only where CUDA is present).
+
+    The states are byte tensors on the CPU whatever device the checkpoint was loaded to (a
+    resume on a GPU maps every tensor of ``last.pt`` there)."""
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def seeded_loader(dataset, device, num_workers, seed, batch_size=None, sampler=None, batch_sampler=None):
