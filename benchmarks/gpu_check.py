@@ -161,46 +161,51 @@ def part_ana_resume(smoke, work):
             "--no-pretrained", "--numWorkers", "0" if smoke else "2", "--trainBatchSize", "8" if smoke else "32",
             "--testBatchSize", "16" if smoke else "64", "--epoch", "2", "--seed", "3", "--deterministic",
             "--device", str(device), "--cacheDir", str(work / "cache"), *FULL_METHOD]
-    rows, runs = [], {}
     _say("data written; main.py, 2 epochs")
-    full = _python(["main.py", *base, "--pathModelParams", str(work / "full")], timeout=600)
+    return _resume_and_torchrun(
+        "ana_resume", "main.py", smoke, lambda name: ["main.py", *base, "--pathModelParams", str(work / name)],
+        lambda name: work / name, "--loadModel", "output.txt",
+        test_of=lambda run: json.loads((run / "results.json").read_text())[-1]["test_results"],
+        params_of=lambda state: {**state["model"], "instance weights": state["weights"]["alpha"]})
+
+
+def _resume_and_torchrun(part, what, smoke, command, run_dir, resume_flag, log_name, test_of, params_of):
+    """An uninterrupted 2-epoch run, one killed after epoch 1 and resumed, and a 1-process torchrun
+    run; rows comparing the last two with the first (parameters of ``params_of(last.pt)``, test
+    metrics of ``test_of(run folder)``). ``command(name)``: the script and its flags for run ``name``."""
+    rows, runs = [], {}
+    full = _python(command("full"), timeout=600)
     if full.returncode:
-        raise RuntimeError(f"main.py exited {full.returncode}: {_tail(full.stderr)}")
-    runs["full"] = work / "full"
+        raise RuntimeError(f"{what} exited {full.returncode}: {_tail(full.stderr)}")
+    runs["full"] = run_dir("full")
     _say("uninterrupted run done; the run to kill")
-    rc = _killed_after_first_epoch(["main.py", *base, "--pathModelParams", str(work / "killed")],
-                                        work / "killed" / "last.pt", 600)
-    epoch = torch.load(work / "killed" / "last.pt", weights_only=True)["epoch"]
-    resumed = _python(["main.py", *base, "--pathModelParams", str(work / "killed"), "--loadModel"], timeout=600)
+    rc = _killed_after_first_epoch(command("killed"), run_dir("killed") / "last.pt", 600)
+    epoch = torch.load(run_dir("killed") / "last.pt", weights_only=True)["epoch"]
+    resumed = _python([*command("killed"), resume_flag], timeout=600)
     if resumed.returncode:
-        raise RuntimeError(f"resumed main.py exited {resumed.returncode}: {_tail(resumed.stderr)}")
-    runs["killed"] = work / "killed"
+        raise RuntimeError(f"resumed {what} exited {resumed.returncode}: {_tail(resumed.stderr)}")
+    runs["killed"] = run_dir("killed")
     _say("resumed run done; torchrun")
-    torchrun = _python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "main.py", *base,
-                        "--pathModelParams", str(work / "torchrun")], timeout=600)
+    torchrun = _python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", *command("torchrun")],
+                       timeout=600)
     if torchrun.returncode:
-        rows.append({"part": "ana_resume", "check": "1-process torchrun", "result": "FAIL",
+        rows.append({"part": part, "check": "1-process torchrun", "result": "FAIL",
                      "value": f"exit {torchrun.returncode}", "note": _tail(torchrun.stderr)})
     else:
-        runs["torchrun"] = work / "torchrun"
-    state = {k: torch.load(p / "last.pt", weights_only=True) for k, p in runs.items()}
-    tests = {k: json.loads((p / "results.json").read_text())[-1]["test_results"] for k, p in runs.items()}
-    ref = {"model": state["full"]["model"], "alpha": state["full"]["weights"]["alpha"]}
-    killed = {"model": state["killed"]["model"], "alpha": state["killed"]["weights"]["alpha"]}
-    row = _compare_row("ana_resume", "main.py killed after epoch 1, resumed vs uninterrupted", ref["model"],
-                       killed["model"], tests["full"], tests["killed"],
-                       note=f"kill -9 (exit {rc}) with last.pt at epoch {epoch}; weights max |d| "
-                            f"{_max_diff(ref['alpha'], killed['alpha']):.2e}")
+        runs["torchrun"] = run_dir("torchrun")
+    params = {k: params_of(torch.load(p / "last.pt", weights_only=True)) for k, p in runs.items()}
+    tests = {k: test_of(p) for k, p in runs.items()}
+    row = _compare_row(part, f"{what} killed after epoch 1, resumed vs uninterrupted", params["full"],
+                       params["killed"], tests["full"], tests["killed"],
+                       note=f"kill -9 (exit {rc}) with last.pt at epoch {epoch}")
     if epoch != 1:
         row.update(result="FAIL", note=f"the kill came late: last.pt was at epoch {epoch}")
     rows.append(row)
     if "torchrun" in runs:
-        log = (runs["torchrun"] / "output.txt").read_text()
+        log = (runs["torchrun"] / log_name).read_text()
         backend = "nccl" if "over nccl" in log else ("gloo" if "over gloo" in log else "no process group")
-        row = _compare_row("ana_resume", "main.py under 1-process torchrun vs plain", ref["model"],
-                           state["torchrun"]["model"], tests["full"], tests["torchrun"],
-                           note=f"DistributedDataParallel over {backend}; weights max |d| "
-                                f"{_max_diff(ref['alpha'], state['torchrun']['weights']['alpha']):.2e}")
+        row = _compare_row(part, f"{what} under 1-process torchrun vs plain", params["full"], params["torchrun"],
+                           tests["full"], tests["torchrun"], note=f"DistributedDataParallel over {backend}")
         if backend != ("gloo" if smoke else "nccl"):
             row["result"] = "FAIL"
         rows.append(row)
@@ -223,45 +228,12 @@ def part_cryoem_resume(smoke, work):
     cfg_path = work / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     base = ["train_pu_selective_fixmatch.py", "--config", str(cfg_path), "--output-dir", str(work / "runs")]
-    rows, runs = [], {}
     _say("data written; the trainer, 2 epochs")
-    full = _python([*base, "--exp-name", "full"], timeout=600)
-    if full.returncode:
-        raise RuntimeError(f"train_pu_selective_fixmatch.py exited {full.returncode}: {_tail(full.stderr)}")
-    runs["full"] = work / "runs" / "full"
-    _say("uninterrupted run done; the run to kill")
-    rc = _killed_after_first_epoch([*base, "--exp-name", "killed"], work / "runs" / "killed" / "last.pt", 600)
-    epoch = torch.load(work / "runs" / "killed" / "last.pt", weights_only=True)["epoch"]
-    resumed = _python([*base, "--exp-name", "killed", "--resume"], timeout=600)
-    if resumed.returncode:
-        raise RuntimeError(f"resumed run exited {resumed.returncode}: {_tail(resumed.stderr)}")
-    runs["killed"] = work / "runs" / "killed"
-    _say("resumed run done; torchrun")
-    torchrun = _python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", *base,
-                        "--exp-name", "torchrun"], timeout=600)
-    if torchrun.returncode:
-        rows.append({"part": "cryoem_resume", "check": "1-process torchrun", "result": "FAIL",
-                     "value": f"exit {torchrun.returncode}", "note": _tail(torchrun.stderr)})
-    else:
-        runs["torchrun"] = work / "runs" / "torchrun"
-    state = {k: torch.load(p / "last.pt", weights_only=True) for k, p in runs.items()}
-    tests = {k: json.loads((p / "results.json").read_text())["test"] for k, p in runs.items()}
-    row = _compare_row("cryoem_resume", "trainer killed after epoch 1, resumed vs uninterrupted",
-                       state["full"]["student"], state["killed"]["student"], tests["full"], tests["killed"],
-                       note=f"kill -9 (exit {rc}) with last.pt at epoch {epoch}")
-    if epoch != 1:
-        row.update(result="FAIL", note=f"the kill came late: last.pt was at epoch {epoch}")
-    rows.append(row)
-    if "torchrun" in runs:
-        log = (runs["torchrun"] / "train.log").read_text()
-        backend = "nccl" if "over nccl" in log else ("gloo" if "over gloo" in log else "no process group")
-        row = _compare_row("cryoem_resume", "trainer under 1-process torchrun vs plain", state["full"]["student"],
-                           state["torchrun"]["student"], tests["full"], tests["torchrun"],
-                           note=f"DistributedDataParallel over {backend}")
-        if backend != ("gloo" if smoke else "nccl"):
-            row["result"] = "FAIL"
-        rows.append(row)
-    return rows
+    return _resume_and_torchrun(
+        "cryoem_resume", "train_pu_selective_fixmatch.py", smoke, lambda name: [*base, "--exp-name", name],
+        lambda name: work / "runs" / name, "--resume", "train.log",
+        test_of=lambda run: json.loads((run / "results.json").read_text())["test"],
+        params_of=lambda state: state["student"])
 
 
 def part_weights(smoke, work):
