@@ -421,6 +421,10 @@ def run_preprocess(micrograph_inputs, coordinates_path, out_dir, opts, logger=No
                    "options": to_json_safe(asdict(opts))}
         write_json(tmp / "preprocess.json", summary)
         _install(tmp, out_dir)
+    except UserError as exc:  # a full disk names the temporary folder's file: name its real place
+        if tmp is None or str(tmp) not in str(exc):
+            raise
+        raise UserError(str(exc).replace(str(tmp), str(out_dir))) from None
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

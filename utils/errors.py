@@ -26,7 +26,7 @@ def exit_on_user_error(func):
     :class:`~utils.interrupt.Interrupted` message, or the command that runs it again) and exit with
     128 + the signal's number (130, 143, 129). Anything else is a bug and keeps its traceback.
     """
-    from utils.interrupt import Interrupted, rerun_command, stop_signals, stopped_by
+    from utils.interrupt import Interrupted, rerun_line, stop_signals, stopped_by
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -41,10 +41,9 @@ def exit_on_user_error(func):
             print(f"interrupted: {exc}", file=sys.stderr)
             raise SystemExit(exc.code) from None
         except KeyboardInterrupt as exc:
-            what, code = stopped_by(exc)
             argv = kwargs.get("argv", args[0] if args else None)
             script = getattr(sys.modules.get(func.__module__), "__file__", None) or sys.argv[0]
-            print(f"interrupted: stopped by {what}; to run it again: {rerun_command(script, argv)}", file=sys.stderr)
-            raise SystemExit(code) from None
+            print(f"interrupted: {rerun_line(exc, script, argv)}", file=sys.stderr)
+            raise SystemExit(stopped_by(exc)[1]) from None
 
     return wrapper

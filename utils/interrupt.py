@@ -153,6 +153,11 @@ def rerun_command(script, argv=None, add=()):
     return shlex.join([_python(), *words])
 
 
+def rerun_line(exc, script, argv=None):
+    """"stopped by <Ctrl-C | SIGTERM | SIGHUP>; to run it again: <command>" for a command without epochs."""
+    return f"stopped by {stopped_by(exc)[0]}; to run it again: {rerun_command(script, argv)}"
+
+
 def saved_epoch(path):
     """The ``epoch`` stored in checkpoint ``path`` (memory-mapped: the tensors are not read), or None."""
     if not Path(path).is_file():

@@ -48,9 +48,8 @@ def disk_full_error(path):
         free = f"{_size(shutil.disk_usage(path.parent).free)} free"
     except OSError:
         free = "free space unknown"
-    kept = "the previous file is unchanged" if path.exists() else "nothing was written"
-    return UserError(f"{path}: cannot be written: no space left on device ({free} in {path.parent}); {kept}; "
-                     f"free some space and run the command again")
+    return UserError(f"{path}: cannot be written: no space left on device ({free} in {path.parent}); "
+                     f"{path.name} is left as it was: free some space and run the command again")
 
 
 def atomic_write(path, write_fn, mode="wb"):
