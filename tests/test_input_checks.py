@@ -15,6 +15,7 @@ import os
 import shutil
 import struct
 import threading
+import warnings
 import zlib
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import pick_particles
 import preprocess_cryoem
 import train_pu_selective_fixmatch as cryo_entry
 from conftest import expect_error_line, expect_exit_2
+from datasets.cryoem_dataset_pu import PUBatchSampler
 from datasets.micrographs import write_csv
 from datasets.synthetic_cryoem import generate_cryoem_demo
 from test_cryoem_preprocess import tiny_micrographs  # noqa: F401 (a fixture, used through mics)
@@ -38,6 +40,7 @@ from test_main_cli import _link_copy
 from test_robustness import (ana_done, cryo, mics, pick_argv, picker, preprocess_argv, shared,  # noqa: F401
                              tree, write_mrc)
 from utils.checkpoint import save_checkpoint
+from utils.errors import UserError
 
 
 # ------------------------------------------------------------------ 3. a decompression bomb
@@ -122,12 +125,24 @@ def test_preprocessing_refuses_a_micrograph_that_is_a_named_pipe(mics, tmp_path,
 def test_a_batch_larger_than_the_data_is_refused_naming_both_numbers(cryo, tmp_path, capsys):
     # the tiny data: 40 positives + 160 unlabelled, of which training holds out a part for val/test
     argv = cryo_argv(cryo["config"], cryo["data"], tmp_path / "out", exp="x", epochs=1)
-    argv[argv.index("--batch-size") + 1] = "100000"
+    # (1000, not the 100,000 of the report: on code without the check that batch is built and trains)
+    argv[argv.index("--batch-size") + 1] = "1000"
     line = expect_error_line(capsys, cryo_entry, argv)
-    assert "batch_size 100000 with batch_ratio [1, 4] takes 80000 unlabelled patches per batch, more than the " in line
+    assert "batch_size 1000 with batch_ratio [1, 4] takes 800 unlabelled patches per batch, more than the " in line
     n_unl = int(line.split("more than the ")[1].split()[0])
     assert 0 < n_unl <= 160 and f"use batch_size <= {n_unl * 5 // 4}" in line, line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("n_pos,n_unl,batch,ratio,largest", [(64, 256, 100000, [1, 4], 320), (64, 256, 321, [1, 4], 320),
+                                                            (10, 30, 41, [1, 3], 40), (10, 30, 61, [1, 1], 60)])
+def test_the_sampler_refuses_a_batch_the_unlabelled_data_cannot_fill(n_pos, n_unl, batch, ratio, largest):
+    # by hand: a batch of B holds B - floor(B p / (p + u)) unlabelled patches; the largest B with at most n_unl
+    with pytest.raises(UserError, match=rf"batch_size {batch} with .* more than the {n_unl} unlabelled training "
+                                        rf"patches hold .*use batch_size <= {largest}$"):
+        PUBatchSampler(n_pos, n_unl, batch, ratio=ratio)
+    sampler = PUBatchSampler(n_pos, n_unl, largest, ratio=ratio)
+    assert len(sampler) == 1 and all(sum(i >= n_pos for i in b) == n_unl for b in sampler)
 
 
 # ------------------------------------------------------------------ 6. duplicate coordinates
@@ -224,7 +239,10 @@ def test_no_mrcfile_warnings_before_the_error_line(mics, tmp_path, capsys):
     (folder / "mic_a.mrc").write_bytes(bytes(data))
     argv = preprocess_argv(mics, tmp_path / "out")
     argv[argv.index("--micrographs") + 1] = str(folder)
-    err = expect_exit_2(capsys, preprocess_cryoem, argv)
+    with warnings.catch_warnings(record=True) as caught:  # what Python would print on the terminal
+        warnings.simplefilter("always")
+        err = expect_exit_2(capsys, preprocess_cryoem, argv)
+    assert not [str(w.message) for w in caught], [str(w.message) for w in caught]
     assert "Warning" not in err and "warnings.warn" not in err, err
     assert err.strip().splitlines()[-1].startswith(f"error: {folder / 'mic_a.mrc'}: 1 pixel(s) are NaN or infinite")
 
