@@ -633,8 +633,7 @@ def drop_duplicate_coordinates(df, source, logger=None, min_distance=1.0):
     rank[np.lexsort((np.arange(len(df)), -score))] = np.arange(len(df))  # 0 = kept first
     dropped = np.zeros(len(df), dtype=bool)
     radius = np.nextafter(float(min_distance), 0.0)  # closer than min_distance (query_pairs includes r)
-    for key in np.unique(keys):
-        rows = np.flatnonzero(keys == key)
+    for rows in pd.Series(keys).groupby(keys, sort=False).indices.values():
         if len(rows) < 2:
             continue
         pairs = cKDTree(xy[rows]).query_pairs(radius, output_type="ndarray")
