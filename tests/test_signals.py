@@ -268,7 +268,7 @@ def test_an_ignored_sighup_stays_ignored(picker, tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ a full disk
 
-FREE = r"\(\d+(\.\d)? (bytes|KiB|MiB|GiB) free in "
+FREE = r"\(\d+(\.\d)? (bytes|KiB|MiB|GiB) written when the disk was full, \d+(\.\d)? (bytes|KiB|MiB|GiB) free in "
 
 
 def _full_disk_after(monkeypatch, nbytes):

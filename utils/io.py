@@ -41,15 +41,17 @@ def _size(n):
         n /= 1024
 
 
-def disk_full_error(path):
-    """The :class:`UserError` for a write of ``path`` that found no space left: the path, the free space."""
+def disk_full_error(path, written=None):
+    """The :class:`UserError` for a write of ``path`` that found no space left: the path, how much of
+    it was written (``written`` bytes) and the free space once the partial file is gone."""
     path = Path(path)
     try:
-        free = f"{_size(shutil.disk_usage(path.parent).free)} free"
+        free = f"{_size(shutil.disk_usage(path.parent).free)} free in {path.parent} now"
     except OSError:
-        free = "free space unknown"
-    return UserError(f"{path}: cannot be written: no space left on device ({free} in {path.parent}); "
-                     f"{path.name} is left as it was: free some space and run the command again")
+        free = f"free space in {path.parent} unknown"
+    done = f"{_size(written)} written when the disk was full, " if written is not None else ""
+    return UserError(f"{path}: cannot be written: no space left on device ({done}{free}); {path.name} is left as "
+                     f"it was: free some space and run the command again")
 
 
 def atomic_write(path, write_fn, mode="wb"):
@@ -78,10 +80,11 @@ def atomic_write(path, write_fn, mode="wb"):
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException as exc:
-            if os.path.exists(tmp):
+            written = os.path.getsize(tmp) if os.path.exists(tmp) else None
+            if written is not None:
                 os.unlink(tmp)
             if _disk_full(exc):
-                raise disk_full_error(path) from None
+                raise disk_full_error(path, written) from None
             raise
 
 
