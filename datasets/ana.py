@@ -138,8 +138,8 @@ def _image_size(path):
     except (UnidentifiedImageError, OSError) as exc:
         raise UserError(f"image {path} cannot be read as an image ({exc})") from None
     except Image.DecompressionBombError as exc:
-        raise UserError(f"image {path} cannot be read: {exc} (Pillow's limit; a corrupt or hostile header); "
-                        f"expected an image of at most {Image.MAX_IMAGE_PIXELS} pixels") from None
+        raise UserError(f"image {path} cannot be read: {exc} (a corrupt or hostile header); expected an image "
+                        f"of at most {2 * Image.MAX_IMAGE_PIXELS} pixels, Pillow's limit") from None
 
 
 def build_tileset(df, split, image_dir, num_classes, tile_size, bag_column=None, csv_path="annotations",
