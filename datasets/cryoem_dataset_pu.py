@@ -593,7 +593,8 @@ class PUBatchSampler(Sampler):
             largest = self._largest_batch()
             raise UserError(
                 f"batch_size {batch_size} with batch_ratio {ratio} takes {batch_size - lo} unlabelled patches per "
-                f"batch, more than the {self.n_unl} unlabelled training patches hold (with {self.n_pos} positive ones); "
+                f"batch, more than the {self.n_unl} unlabelled training patches hold (with {self.n_pos} positive "
+                f"ones); "
                 + (f"use batch_size <= {largest}" if largest else "the data are too few for any batch size"))
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in [0, {num_replicas})")

@@ -54,8 +54,8 @@ import torch
 import torch.nn.functional as F
 from scipy.spatial import cKDTree
 
-from datasets.micrographs import (check_coordinates, drop_duplicate_coordinates, list_micrographs, micrograph_key, micrograph_shape,
-                                  read_coordinates, read_micrograph, write_csv)
+from datasets.micrographs import (check_coordinates, drop_duplicate_coordinates, list_micrographs, micrograph_key,
+                                  micrograph_shape, read_coordinates, read_micrograph, write_csv)
 from utils.checkpoint import save_checkpoint
 from utils.checks import check_output_dir
 from utils.errors import UserError

@@ -134,7 +134,8 @@ def test_a_batch_larger_than_the_data_is_refused_naming_both_numbers(cryo, tmp_p
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("n_pos,n_unl,batch,ratio,largest", [(64, 256, 100000, [1, 4], 320), (64, 256, 321, [1, 4], 320),
+@pytest.mark.parametrize("n_pos,n_unl,batch,ratio,largest", [(64, 256, 100000, [1, 4], 320),
+                                                            (64, 256, 321, [1, 4], 320),
                                                             (10, 30, 41, [1, 3], 40), (10, 30, 61, [1, 1], 60)])
 def test_the_sampler_refuses_a_batch_the_unlabelled_data_cannot_fill(n_pos, n_unl, batch, ratio, largest):
     # by hand: a batch of B holds B - floor(B p / (p + u)) unlabelled patches; the largest B with at most n_unl

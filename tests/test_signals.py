@@ -25,7 +25,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import main
 import pick_particles
 import preprocess_cryoem
 import rethreshold_picks
