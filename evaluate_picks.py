@@ -24,11 +24,13 @@ import math
 import sys
 from pathlib import Path
 
-from datasets.micrographs import list_micrographs, micrograph_key, micrograph_shape, read_coordinates
+from datasets.micrographs import (drop_duplicate_coordinates, list_micrographs, micrograph_key, micrograph_shape,
+                                  read_coordinates)
 from utils.checks import check_output_dir, float_arg
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
 from utils.figures import pr_curve_image, save_png
 from utils.io import write_json
+from utils.logger import close_run_logger, setup_run_logger
 from utils.picking.matching import MATCHINGS, evaluate_picks
 from utils.picking.outputs import CANDIDATES_NAME, SUMMARY_NAME, flip_y
 
@@ -130,6 +132,12 @@ def main(argv=None):
     reference, reference_info = read_coordinates(reference_path)
     print(f"picks: {picks_info}", file=sys.stderr)
     print(f"reference: {reference_info}", file=sys.stderr)
+    log = setup_run_logger("evaluate_picks", None)  # the terminal only
+    try:  # a particle listed twice would count twice (a pick twice: a false positive)
+        picks = drop_duplicate_coordinates(picks, str(picks_path), log)
+        reference = drop_duplicate_coordinates(reference, str(reference_path), log)
+    finally:
+        close_run_logger(log)
     threshold = args.threshold
     if threshold is None:
         threshold = float(summary["threshold"]) if summary is not None and "threshold" in summary else 0.5

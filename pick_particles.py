@@ -26,6 +26,7 @@ from models.dense import DENSE_CONTEXT, MODES
 from utils.checks import check_output_dir, float_arg, int_arg
 from utils.device import resolve_device
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
+from utils.interrupt import rerun_line
 from utils.logger import close_run_logger, progress, setup_run_logger
 from utils.picking.outputs import (Staging, flip_y, log_removed_staging, micrograph_entries, text_histogram,
                                    write_overlays, write_picks, write_summary_files)
@@ -132,6 +133,9 @@ def main(argv=None):
                              staging, logger)
             except UserError as exc:
                 logger.error("error: " + " ".join(str(exc).split()), extra={"file_only": True})
+                raise
+            except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP: the line the terminal shows
+                logger.error("interrupted: " + rerun_line(exc, __file__, argv), extra={"file_only": True})
                 raise
             finally:
                 close_run_logger(logger)

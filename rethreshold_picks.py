@@ -18,6 +18,7 @@ from pathlib import Path
 from datasets.micrographs import micrograph_shape, read_coordinates
 from utils.checks import check_output_dir, float_arg
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
+from utils.interrupt import rerun_line
 from utils.logger import close_run_logger, setup_run_logger
 from utils.picking.outputs import (CANDIDATES_NAME, SUMMARY_NAME, Staging, entries_from_summary,
                                    log_removed_staging, text_histogram, write_overlays, write_picks,
@@ -110,6 +111,9 @@ def main(argv=None):
             staging.install()
         except UserError as exc:
             logger.error("error: " + " ".join(str(exc).split()), extra={"file_only": True})
+            raise
+        except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP: the line the terminal shows
+            logger.error("interrupted: " + rerun_line(exc, __file__, argv), extra={"file_only": True})
             raise
         finally:
             close_run_logger(logger)

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from utils.checks import not_a_file
 from utils.errors import UserError
 from utils.logger import progress
 
@@ -49,7 +50,7 @@ def read_annotations(csv_path, num_classes=None, bag_column=None):
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
-        problem = "is a directory, expected a CSV file" if csv_path.is_dir() else "does not exist"
+        problem = "is a directory, expected a CSV file" if csv_path.is_dir() else not_a_file(csv_path)
         raise UserError(f"annotation file {csv_path} {problem} (set PATH_TRAIN_ANNFILE in config.py or --annFile)")
     try:
         df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
@@ -118,7 +119,12 @@ def _wide_mode(mode):
 
 
 def _image_size(path):
-    """``(width, height)`` from the header; UserError for a missing, unreadable or >8-bit image."""
+    """``(width, height)`` from the header; UserError for a missing, unreadable or >8-bit image,
+    for a path that is not a regular file (a FIFO would hang the read) and for a header that claims
+    more pixels than Pillow decodes (a decompression bomb)."""
+    problem = not_a_file(path)
+    if problem and problem != "does not exist":
+        raise UserError(f"image {path} {problem}; expected an image file (check the CSV's path column)")
     try:
         with Image.open(path) as im:
             wide = _wide_mode(im.mode)
@@ -131,6 +137,9 @@ def _image_size(path):
         raise UserError(f"image {path} does not exist (check the CSV's path column and DIR_*_IMAGES / --imageDir)") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise UserError(f"image {path} cannot be read as an image ({exc})") from None
+    except Image.DecompressionBombError as exc:
+        raise UserError(f"image {path} cannot be read: {exc} (a corrupt or hostile header); expected an image "
+                        f"of at most {2 * Image.MAX_IMAGE_PIXELS} pixels, Pillow's limit") from None
 
 
 def build_tileset(df, split, image_dir, num_classes, tile_size, bag_column=None, csv_path="annotations",
@@ -184,7 +193,7 @@ def _decode_tiles(path, boxes, image_size):
                 tile = im if box[0] < 0 else im.crop(tuple(int(v) for v in box))
                 out.append(np.asarray(tile.resize((image_size, image_size), Image.BILINEAR)))
             return out
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise UserError(f"image {path} cannot be decoded ({exc})") from None
 
 

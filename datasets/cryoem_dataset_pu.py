@@ -588,6 +588,14 @@ class PUBatchSampler(Sampler):
                 f"batch_size {batch_size} with batch_ratio {ratio} gives batches with {lo}-{hi} "
                 f"positives and {batch_size - hi}-{batch_size - lo} unlabelled; every batch needs "
                 f">= 1 of each: use batch_size >= {smallest}")
+        lo, _ = self._pos_range(batch_size)
+        if batch_size - lo > self.n_unl:  # one batch would hold unlabelled patches twice (or thousands of times)
+            largest = self._largest_batch()
+            raise UserError(
+                f"batch_size {batch_size} with batch_ratio {ratio} takes {batch_size - lo} unlabelled patches per "
+                f"batch, more than the {self.n_unl} unlabelled training patches hold (with {self.n_pos} positive "
+                f"ones); "
+                + (f"use batch_size <= {largest}" if largest else "the data are too few for any batch size"))
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
         self.num_replicas, self.rank = int(num_replicas), int(rank)
@@ -597,6 +605,13 @@ class PUBatchSampler(Sampler):
     def _pos_range(self, b):
         x = b * self._r
         return math.floor(x), math.ceil(x)
+
+    def _largest_batch(self):
+        """The largest batch size whose unlabelled share fits in the data (and that fits the ratio), or None."""
+        b = math.floor(self.n_unl / (1 - self._r)) + 1
+        while b > 1 and (b - self._pos_range(b)[0] > self.n_unl or not self._fits(b)):
+            b -= 1
+        return b if self._fits(b) else None
 
     def _fits(self, b):
         lo, hi = self._pos_range(b)

@@ -54,8 +54,8 @@ import torch
 import torch.nn.functional as F
 from scipy.spatial import cKDTree
 
-from datasets.micrographs import (check_coordinates, list_micrographs, micrograph_key, micrograph_shape,
-                                  read_coordinates, read_micrograph, write_csv)
+from datasets.micrographs import (check_coordinates, drop_duplicate_coordinates, list_micrographs, micrograph_key,
+                                  micrograph_shape, read_coordinates, read_micrograph, write_csv)
 from utils.checkpoint import save_checkpoint
 from utils.checks import check_output_dir
 from utils.errors import UserError
@@ -322,7 +322,8 @@ def run_preprocess(micrograph_inputs, coordinates_path, out_dir, opts, logger=No
     # headers only: the micrograph sizes fix the frames, the windows and the prior before any
     # pixel is decoded (an unreadable file found later still leaves out_dir untouched)
     sizes = {micrograph_key(p.name): micrograph_shape(p) for p in paths}
-    coords = check_coordinates(coords, sizes, str(coordinates_path), log)
+    coords = drop_duplicate_coordinates(check_coordinates(coords, sizes, str(coordinates_path), log),
+                                        str(coordinates_path), log)
     by_key = {k: g[["x", "y"]].to_numpy(np.float64) for k, g in coords.groupby("key", sort=False)}
     P = opts.patch_size
     full = P + 2 * opts.context  # stored patch: the window and its context on every side
@@ -421,6 +422,10 @@ def run_preprocess(micrograph_inputs, coordinates_path, out_dir, opts, logger=No
                    "options": to_json_safe(asdict(opts))}
         write_json(tmp / "preprocess.json", summary)
         _install(tmp, out_dir)
+    except UserError as exc:  # a full disk names the temporary folder's file: name its real place
+        if tmp is None or str(tmp) not in str(exc):
+            raise
+        raise UserError(str(exc).replace(str(tmp), str(out_dir))) from None
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -16,10 +16,12 @@ Conventions used everywhere in this module (and by every caller):
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import logging
 import math
+import warnings
 from pathlib import Path, PurePosixPath
 
 import mrcfile
@@ -27,7 +29,9 @@ import numpy as np
 import pandas as pd
 import starfile
 from PIL import Image
+from scipy.spatial import cKDTree
 
+from utils.checks import not_a_file
 from utils.errors import UserError
 from utils.io import atomic_write
 
@@ -77,8 +81,9 @@ def list_micrographs(inputs):
     A directory gives its files with a :data:`MICROGRAPH_SUFFIXES` suffix, sorted by name; a
     pattern (``*``, ``?`` or ``[``; ``**`` recurses) gives its matching micrograph files,
     sorted. Raises UserError when an input does not exist or yields nothing, when a file
-    has another suffix, or when two files have the same :func:`micrograph_key` (names
-    would be ambiguous when matching coordinates).
+    has another suffix or is not a regular file (a named pipe would make the read wait forever),
+    or when two files have the same :func:`micrograph_key` (names would be ambiguous when
+    matching coordinates).
     """
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
@@ -88,8 +93,7 @@ def list_micrographs(inputs):
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files = sorted((p for p in path.iterdir() if p.is_file() and _is_micrograph(p)),
-                           key=lambda p: p.name)
+            files = sorted((p for p in path.iterdir() if _is_micrograph(p) and not p.is_dir()), key=lambda p: p.name)
             if not files:
                 raise UserError(f"{path}: directory has no micrograph files; expected names ending in "
                                 f"{', '.join(MICROGRAPH_SUFFIXES)}")
@@ -100,12 +104,16 @@ def list_micrographs(inputs):
             files = [path]
         elif any(c in str(item) for c in "*?["):
             files = [Path(p) for p in sorted(glob.glob(str(item), recursive=True))
-                     if Path(p).is_file() and _is_micrograph(Path(p))]
+                     if _is_micrograph(Path(p)) and not Path(p).is_dir()]
             if not files:
                 raise UserError(f"{item}: pattern matches no micrograph files; expected names ending in "
                                 f"{', '.join(MICROGRAPH_SUFFIXES)}")
         else:
-            raise UserError(f"{path}: micrograph file or directory does not exist")
+            raise UserError(f"{path}: micrograph file or directory {not_a_file(path)}")
+        for file in files:  # a named pipe would make the read wait forever
+            problem = not_a_file(file)
+            if problem:
+                raise UserError(f"{file}: micrograph {problem}; expected a micrograph file")
         found.extend(files)
     seen = {}
     for path in found:
@@ -122,6 +130,21 @@ def _is_micrograph(path):
 
 
 # ----------------------------------------------------------------------------- images
+@contextlib.contextmanager
+def _library_warnings():
+    """Keep mrcfile's and Pillow's warnings off the terminal while a micrograph is read; yields the
+    list they are recorded in. mrcfile warns in permissive mode about headers that other programs
+    write (no map ID, an unknown machine stamp), Pillow about large images: the pixels are then
+    checked here (shape, finite values, contrast), and an error says itself what is wrong in one line."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield caught
+
+
+def _first(caught):
+    return f"; mrcfile: {caught[0].message}" if caught else ""
+
+
 def read_micrograph(path):
     """One micrograph as a float32 array ``[H, W]`` (row ``y``, column ``x``), values as stored.
 
@@ -135,7 +158,7 @@ def read_micrograph(path):
     """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: micrograph file does not exist")
+        raise UserError(f"{path}: micrograph file {not_a_file(path)}")
     suffix = path.suffix.lower()
     if suffix in (".mrc", ".mrcs"):
         image = _read_mrc(path)
@@ -162,23 +185,23 @@ def micrograph_shape(path):
     errors as :func:`read_micrograph` where the header shows them)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: micrograph file does not exist")
+        raise UserError(f"{path}: micrograph file {not_a_file(path)}")
     suffix = path.suffix.lower()
     if suffix not in MICROGRAPH_SUFFIXES:
         raise UserError(f"{path}: unknown micrograph suffix '{path.suffix}'; expected one of "
                         f"{', '.join(MICROGRAPH_SUFFIXES)}")
     try:
         if suffix in (".mrc", ".mrcs"):
-            with mrcfile.mmap(path, mode="r", permissive=True) as mrc:
+            with _library_warnings() as notes, mrcfile.mmap(path, mode="r", permissive=True) as mrc:
                 if mrc.data is None:
-                    raise ValueError("no readable data (header invalid)")
+                    raise ValueError("no readable data (header invalid)" + _first(notes))
                 shape = mrc.data.shape
                 if len(shape) == 3 and shape[0] > 1:
                     raise UserError(f"{path}: MRC holds {shape[0]} sections {tuple(shape)}; "
                                     f"expected one micrograph [H, W] or [1, H, W]")
                 shape = shape[-2:]
         else:
-            with Image.open(path) as img:
+            with _library_warnings(), Image.open(path) as img:
                 pages = getattr(img, "n_frames", 1)
                 if pages > 1:
                     raise UserError(f"{path}: image has {pages} pages; expected a single-page image")
@@ -195,10 +218,10 @@ def micrograph_shape(path):
 def _read_mrc(path):
     try:
         # mmap: a stack is refused from its header without reading all its sections.
-        with mrcfile.mmap(path, mode="r", permissive=True) as mrc:
+        with _library_warnings() as notes, mrcfile.mmap(path, mode="r", permissive=True) as mrc:
             data = mrc.data
             if data is None:
-                raise ValueError("no readable data (header invalid)")
+                raise ValueError("no readable data (header invalid)" + _first(notes))
             if np.iscomplexobj(data):
                 raise UserError(f"{path}: MRC holds complex values (mode {int(mrc.header.mode)}); "
                                 f"expected a real-valued image")
@@ -215,7 +238,7 @@ def _read_mrc(path):
 
 def _read_pillow(path):
     try:
-        with Image.open(path) as img:
+        with _library_warnings(), Image.open(path) as img:
             pages = getattr(img, "n_frames", 1)
             if pages > 1:
                 raise UserError(f"{path}: image has {pages} pages; expected a single-page image")
@@ -262,7 +285,7 @@ def read_coordinates(path, micrograph=None):
     if path.is_dir():
         return _read_coordinate_dir(path, micrograph)
     if not path.is_file():
-        raise UserError(f"{path}: coordinates file or directory does not exist")
+        raise UserError(f"{path}: coordinates file or directory {not_a_file(path)}")
     df, how = _read_coordinate_file(path, micrograph)
     if len(df) == 0:
         raise UserError(f"{path}: file has no coordinates; expected at least one particle")
@@ -573,6 +596,15 @@ def check_coordinates(df, sizes, source, logger=None):
     x, y = df["x"].to_numpy(dtype=np.float64), df["y"].to_numpy(dtype=np.float64)
     inside = (x >= 0) & (x < w) & (y >= 0) & (y < h)
     outside = known & ~inside
+    if not (known & inside).any():
+        shapes = pd.Series([f"{W}x{H}" for H, W in (sizes[k] for k in dict.fromkeys(keys[known]))]).value_counts()
+        raise UserError(f"{source}: no coordinate lies inside any micrograph: the {int(known.sum())} coordinates of "
+                        f"known micrographs span x {x[known].min():g}..{x[known].max():g}, y "
+                        f"{y[known].min():g}..{y[known].max():g}, and the micrographs are "
+                        + ", ".join(f"{shape} px" + (f" ({n} micrographs)" if n > 1 else "")
+                                    for shape, n in shapes.items())
+                        + " (width x height); expected centres in the original micrographs' pixels, x in [0, width) "
+                          "and y in [0, height)")
     if outside.any():
         i = int(np.flatnonzero(outside)[0])
         log.warning("%s: dropped %d coordinates outside their micrograph, e.g. x=%g, y=%g on '%s' "
@@ -581,3 +613,40 @@ def check_coordinates(df, sizes, source, logger=None):
     out = df[known & inside].copy()
     out["key"] = keys[known & inside].to_numpy()
     return out.reset_index(drop=True)
+
+
+def drop_duplicate_coordinates(df, source, logger=None, min_distance=1.0):
+    """``df`` without repeated particles: a centre closer than ``min_distance`` px to another on the
+    same micrograph (same :func:`micrograph_key`) is dropped, keeping the highest-scored one (the first
+    row among equal or missing scores). One warning line naming ``source`` gives the count and an
+    example; a file with every row twice would otherwise count each particle twice (twice the
+    positives in training, every reference particle twice in an evaluation). Returns a copy with a
+    new index."""
+    log = logger if logger is not None else logging.getLogger(__name__)
+    if len(df) < 2:
+        return df.reset_index(drop=True)
+    keys = df["micrograph"].map(micrograph_key).astype(str).to_numpy()
+    xy = df[["x", "y"]].to_numpy(dtype=np.float64)
+    score = df["score"].to_numpy(dtype=np.float64) if "score" in df.columns else np.zeros(len(df))
+    score = np.where(np.isnan(score), -np.inf, score)
+    rank = np.empty(len(df), dtype=np.int64)
+    rank[np.lexsort((np.arange(len(df)), -score))] = np.arange(len(df))  # 0 = kept first
+    dropped = np.zeros(len(df), dtype=bool)
+    radius = np.nextafter(float(min_distance), 0.0)  # closer than min_distance (query_pairs includes r)
+    for rows in pd.Series(keys).groupby(keys, sort=False).indices.values():
+        if len(rows) < 2:
+            continue
+        pairs = cKDTree(xy[rows]).query_pairs(radius, output_type="ndarray")
+        if not len(pairs):
+            continue
+        a, b = rows[pairs[:, 0]], rows[pairs[:, 1]]
+        first, second = np.where(rank[a] < rank[b], a, b), np.where(rank[a] < rank[b], b, a)
+        for i in np.argsort(rank[first], kind="stable"):  # a kept row drops its lower-ranked neighbours
+            if not dropped[first[i]]:
+                dropped[second[i]] = True
+    if dropped.any():
+        i = int(np.flatnonzero(dropped)[0])
+        log.warning("%s: dropped %d duplicate coordinate(s): centres closer than %g px to another on the same "
+                    "micrograph (e.g. x=%g, y=%g on '%s'); each particle counts once", source, int(dropped.sum()),
+                    min_distance, xy[i, 0], xy[i, 1], df["micrograph"].iloc[i])
+    return df[~dropped].reset_index(drop=True)

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import torch
 
+from utils.checks import not_a_file
 from utils.errors import UserError
 from utils.io import atomic_write
 
@@ -79,7 +80,7 @@ def load_checkpoint(path, map_location="cpu", expected=None, flag=None, mmap=Fal
     if path.is_dir():
         raise UserError(f"{name} is a folder; expected a checkpoint file")
     if not path.is_file():
-        raise UserError(f"{name} does not exist")
+        raise UserError(f"{name} {not_a_file(path)}")
     try:
         try:
             obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)

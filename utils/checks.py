@@ -11,9 +11,13 @@ that names the flag (or key) and says what was expected.
 * :func:`check_output_dir` refuses an output location that is a file (or lies below one) or a
   folder in which no file can be created, by creating (and at once deleting) an anonymous
   temporary file in the folder that the command would write to, or in its nearest existing parent.
+* :func:`not_a_file` says what an input path is when it is not a regular file (a FIFO would make
+  the read wait forever).
 """
 import argparse
 import math
+import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -100,3 +104,23 @@ def check_output_dir(path, flag):
     except OSError as exc:
         raise UserError(f"{flag} {path}: cannot create files in {probe} ({exc.strerror or exc}); "
                         f"expected a writable folder") from None
+
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def not_a_file(path):
+    """What ``path`` is when it is not a regular file (symbolic links followed): "does not exist",
+    "is a named pipe (FIFO)", ...; None for a regular file. Opening a FIFO waits for a writer
+    forever, so inputs are checked with this before they are opened."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "does not exist" if not os.path.islink(path) else "is a broken symbolic link"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    return f"is {kind}, not a regular file"

@@ -21,27 +21,29 @@ class ArgumentParser(argparse.ArgumentParser):
 def exit_on_user_error(func):
     """Decorate an entry point ``main(argv=None)`` so that its run ends in one line.
 
-    A :class:`UserError` prints ``error: ...`` and exits with 2; Ctrl-C prints ``interrupted: ...``
-    (a run's own :class:`~utils.interrupt.Interrupted` message, or the command that runs it again)
-    and exits with 130. Anything else is a bug and keeps its traceback.
+    A :class:`UserError` prints ``error: ...`` and exits with 2; Ctrl-C, SIGTERM and SIGHUP
+    (:func:`utils.interrupt.stop_signals`) print ``interrupted: ...`` (a run's own
+    :class:`~utils.interrupt.Interrupted` message, or the command that runs it again) and exit with
+    128 + the signal's number (130, 143, 129). Anything else is a bug and keeps its traceback.
     """
-    from utils.interrupt import EXIT_INTERRUPTED, Interrupted, rerun_command
+    from utils.interrupt import Interrupted, rerun_line, stop_signals, stopped_by
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
-            return func(*args, **kwargs)
+            with stop_signals():
+                return func(*args, **kwargs)
         except UserError as exc:
             message = " ".join(str(exc).split())  # one line, even when a library's text had newlines
             print(f"error: {message}", file=sys.stderr)
             raise SystemExit(EXIT_USER_ERROR) from None
         except Interrupted as exc:
             print(f"interrupted: {exc}", file=sys.stderr)
-            raise SystemExit(EXIT_INTERRUPTED) from None
-        except KeyboardInterrupt:
+            raise SystemExit(exc.code) from None
+        except KeyboardInterrupt as exc:
             argv = kwargs.get("argv", args[0] if args else None)
             script = getattr(sys.modules.get(func.__module__), "__file__", None) or sys.argv[0]
-            print(f"interrupted: stopped by Ctrl-C; to run it again: {rerun_command(script, argv)}", file=sys.stderr)
-            raise SystemExit(EXIT_INTERRUPTED) from None
+            print(f"interrupted: {rerun_line(exc, script, argv)}", file=sys.stderr)
+            raise SystemExit(stopped_by(exc)[1]) from None
 
     return wrapper

@@ -21,6 +21,15 @@ class _TqdmConsoleHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+class _LogFileHandler(logging.FileHandler):
+    """The run's log file; a line that cannot be written (a full disk) is skipped without the
+    "--- Logging error ---" traceback on the terminal, which still shows the line."""
+
+    def handleError(self, record):
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handleError(record)
+
+
 def setup_run_logger(name, log_file, console=True):
     """Return a logger writing to ``log_file`` (appended; ``None``: no file) and to stderr.
 
@@ -34,7 +43,7 @@ def setup_run_logger(name, log_file, console=True):
     close_run_logger(logger)
     fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     if log_file is not None:
-        file_handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+        file_handler = _LogFileHandler(log_file, mode="a", encoding="utf-8")
         file_handler.setFormatter(fmt)
         logger.addHandler(file_handler)
     if console:

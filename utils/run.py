@@ -8,7 +8,7 @@ A run is a directory that one process family owns from start to end:
 * :func:`open_run` once every input is checked: the main process creates the folder, takes the
   lock, opens the log file and writes the header line; the other processes log nothing. On
   leaving, a :class:`~utils.errors.UserError` is written to the log as its one-line message,
-  Ctrl-C becomes the one-line :func:`utils.interrupt.interruption` that names the command which
+  Ctrl-C (or SIGTERM, SIGHUP) becomes the one-line :func:`utils.interrupt.interruption` that names the command which
   resumes the run, and the log and the lock are closed in every case;
 * :func:`fast_path_line`, :func:`main_only`, :func:`restore_scaler`, :func:`finished_line`:
   the lines and steps each loop needs in the same words.
@@ -98,8 +98,9 @@ def open_run(run_dir, lock, info, log_name, device, resume_flag, epochs, command
     except UserError as exc:
         logger.error("error: " + " ".join(str(exc).split()), extra={"file_only": True})
         raise
-    except KeyboardInterrupt:
-        stop = interruption(run_dir / "last.pt", epochs, command or rerun_command(sys.argv[0], add=(resume_flag,)))
+    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM or SIGHUP (utils/interrupt.py)
+        stop = interruption(run_dir / "last.pt", epochs, command or rerun_command(sys.argv[0], add=(resume_flag,)),
+                            exc)
         logger.error(f"interrupted: {stop}", extra={"file_only": True})
         raise stop from None
     finally:

@@ -257,24 +257,62 @@ def run(args, cfg, command=None):
     if not args.loadModel and started:
         raise UserError(f"run directory {run_dir} already holds a run; pass --loadModel to resume it "
                         f"or choose another --pathModelParams")
+    state = None
     if args.loadModel and last_path.is_file():  # the other family's last.pt, a data file, ...: say so now
-        load_checkpoint(last_path, expected=("ana-run",), flag="--loadModel", mmap=True)
+        state = load_checkpoint(last_path, expected=("ana-run",), flag="--loadModel", mmap=True)
     # the model (and its pretrained weights) before anything is written: fail fast
     seed_everything(args.seed, args.deterministic)
     model = build_resnet_classifier(args.arch, num_classes, args.pretrained, args.pretrainedWeights)
+    if state is not None:  # a resume that cannot continue is refused before the run directory changes
+        _check_resumable(state, model, tiles["train"], num_classes, args, last_path)
     info, device = init_distributed(device)  # torchrun: one process per GPU (or gloo on the CPU)
     writer = None
     try:
         check_global_batch(args.trainBatchSize, info, "--trainBatchSize")
+        # every image is decoded (a file truncated since the last run is found) before anything is written
+        caches = _tile_caches(args, tiles, info)
         with open_run(run_dir, lock, info, "output.txt", device, "--loadModel", args.epoch, command) as logger:
             writer = make_summary_writer(run_dir) if info.is_main else NullSummaryWriter()
             for note in notes:
                 logger.info(note)
-            return _train(args, cfg, device, model.to(device), tiles, num_classes, run_dir, logger, writer, info)
+            return _train(args, cfg, device, model.to(device), tiles, caches, num_classes, run_dir, logger, writer,
+                          info)
     finally:
         if writer is not None:
             writer.close()
         cleanup_distributed(info)
+
+
+def _check_resumable(state, model, train, num_classes, args, last_path):
+    """Refuse a resume whose last.pt does not fit the model (--arch, the classes) or the training tiles
+    (the annotations or images changed, or --granularity): what would otherwise fail mid-way
+    through loading it, after the run's log had grown."""
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError):
+        raise UserError(f"{last_path} holds a different model than --arch {args.arch} with "
+                        f"{num_classes} classes") from None
+    saved, now = tuple(state["targets"].shape), tuple(train.tile_labels.shape)
+    if saved != now:
+        raise UserError(f"{last_path} was trained on {saved[0]} training tiles of {saved[1]} classes, the data now "
+                        f"give {now[0]} of {now[1]}: a resumed run keeps its data (restore the annotations and "
+                        f"images, or start a new run in another --pathModelParams)")
+    alpha = init_weights(train.tile_labels, args.initWeight, args.granularity)
+    if tuple(state["weights"]["alpha"].shape) != tuple(alpha.shape):
+        raise UserError(f"{last_path} holds sample weights of shape {tuple(state['weights']['alpha'].shape)}, "
+                        f"--granularity {args.granularity} gives {tuple(alpha.shape)}: resume with the run's "
+                        f"--granularity")
+
+
+def _tile_caches(args, tiles, info):
+    """The tile cache file of every split (the main process decodes the tiles, the others then reuse its cache)."""
+    caches = {}
+    for first in (True, False):
+        if first == info.is_main:
+            caches = {split: build_tile_cache(ts, args.imageSize, args.cacheDir, args.numWorkers, desc=split)
+                      for split, ts in tiles.items()}
+        barrier(info)
+    return caches
 
 
 class _NullResults:
@@ -292,14 +330,8 @@ def run_settings(args, cfg):
             "MEAN": list(cfg.MEAN), "STD": list(cfg.STD), "SINGLE_LABEL": bool(cfg.SINGLE_LABEL)}
 
 
-def _build(args, cfg, device, model, tiles, num_classes, logger, info):
+def _build(args, cfg, device, model, tiles, caches, num_classes, logger, info):
     """The run's objects: optimiser, instance weights, sampler, loaders, fast path, epoch setup."""
-    caches = {}
-    for first in (True, False):  # the main process decodes the tiles, the others then reuse its cache
-        if first == info.is_main:
-            caches = {split: build_tile_cache(ts, args.imageSize, args.cacheDir, args.numWorkers, desc=split)
-                      for split, ts in tiles.items()}
-        barrier(info)
     logger.info(f"model {args.arch}, {num_classes} classes, "
                 + ("ImageNet-pretrained" if args.pretrained else "random initialisation (--no-pretrained)"))
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weightDecay)
@@ -357,7 +389,7 @@ def _resume(args, setup, model, num_classes, run_dir, early, results, logger):
             dict(state["last_test"]))
 
 
-def _train(args, cfg, device, model, tiles, num_classes, run_dir, logger, writer, info=DistInfo()):
+def _train(args, cfg, device, model, tiles, caches, num_classes, run_dir, logger, writer, info=DistInfo()):
     logger.info("args " + json.dumps(dict(sorted(vars(args).items())), default=str))
     # a resume keeps the original run's settings (output.txt logs the new ones)
     if (not args.loadModel or not (run_dir / "args.json").is_file()) and info.is_main:
@@ -370,7 +402,7 @@ def _train(args, cfg, device, model, tiles, num_classes, run_dir, logger, writer
     if args.updateLR == "ulr-adaptive" and bool((tiles["train"].bag_labels.sum(dim=1) <= 1).all()):
         logger.info("note: every training image has one label, so ulr-adaptive gives every weight learning rate "
                     "0 and the weights keep their initial values (use --updateLR ulr-ones to let them move)")
-    setup, loaders = _build(args, cfg, device, model, tiles, num_classes, logger, info)
+    setup, loaders = _build(args, cfg, device, model, tiles, caches, num_classes, logger, info)
     weights, tile_labels = setup.weights, setup.tile_labels
     save = main_only(save_checkpoint, info)
     results = ResultsFile(run_dir / "results.json") if info.is_main else _NullResults()

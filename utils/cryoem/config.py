@@ -22,7 +22,7 @@ from types import MappingProxyType
 
 import yaml
 
-from utils.checks import SEED_MAX
+from utils.checks import SEED_MAX, not_a_file
 from utils.errors import UserError
 from utils.io import atomic_write
 
@@ -385,7 +385,7 @@ def load_config(path):
         return cfg
     path = Path(path)
     if not path.is_file():
-        what = "is a directory, not a file" if path.is_dir() else "does not exist"
+        what = "is a directory, not a file" if path.is_dir() else not_a_file(path)
         raise UserError(f"config file {path} {what}")
     try:
         text = path.read_text(encoding="utf-8")

@@ -252,6 +252,8 @@ def _run(cfg, args, state, run_dir, lock, device, info):
     model_cfg = cfg["model"]
     student = FixMatchPUModel(model_cfg["backbone"], dropout=model_cfg["dropout"],
                               pretrained=model_cfg["pretrained"], context=_data_context(data)).to(device)
+    if state is not None:  # a last.pt that does not fit is refused before the run directory changes
+        _load_student(student, state, cfg, run_dir)
 
     # every input is checked: from here on the main process writes the run directory
     with open_run(run_dir, lock, info, "train.log", device, "--resume", cfg["training"]["epochs"],
@@ -332,6 +334,15 @@ def _build(cfg, device, data, prior, sampler, student, logger, info):
         dataset = getattr(data, split)
         loaders[split] = loader(dataset, batch_size=2 * training["batch_size"]) if len(dataset) else None
     return _Parts(train_model, teacher, optimizer, scheduler, params, precision, fmt, loaders, total_steps)
+
+
+def _load_student(student, state, cfg, run_dir):
+    try:
+        student.load_state_dict(state["student"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise UserError(f"{run_dir / 'last.pt'} does not fit model.backbone {cfg['model']['backbone']} "
+                        f"({type(exc).__name__}: {first})") from None
 
 
 def _resume(state, cfg, parts, student, early, run_dir, logger):

@@ -40,6 +40,7 @@ import starfile
 
 from datasets.micrographs import micrograph_key, read_micrograph, write_box, write_csv, write_star
 from utils.figures import histogram_image, save_png
+from utils.errors import UserError
 from utils.io import atomic_write
 from utils.io import write_json
 from utils.picking.picker import overlay_image
@@ -143,8 +144,10 @@ class Staging:
         self.tmp = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.out_dir))
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
         shutil.rmtree(self.tmp, ignore_errors=True)
+        if isinstance(exc, UserError) and str(self.tmp) in str(exc):  # a full disk: name the file's real place
+            raise UserError(str(exc).replace(str(self.tmp), str(self.out_dir))) from None
         return False
 
     def path(self, name):

@@ -129,21 +129,26 @@ def resolve_settings(ckpt, path, threshold, min_distance=None, downsample=None, 
     :func:`resolve_threshold`); ``max_tile`` None means untiled.
     """
     meta = ckpt.get("data_metadata") or {}
+    # a value the user did not type is named by where it came from: the checkpoint's data metadata
+    named = {"--downsample": "--downsample", "--normalize": "--normalize", "--min-distance": "--min-distance"}
     if downsample is None:
         downsample = meta.get("downsample", 1.0)
+        named["--downsample"] = f"{path}: its data metadata downsample (used as no --downsample was given)"
     if normalization is None:
         normalization = meta.get("normalization", "zscore")
+        named["--normalize"] = f"{path}: its data metadata normalization (used as no --normalize was given)"
     if min_distance is None:
         min_distance = meta.get("particle_radius")
+        named["--min-distance"] = f"{path}: its data metadata particle_radius (used as no --min-distance was given)"
         if min_distance is None:
             raise UserError(f"{path}: its data metadata hold no particle_radius (data not made by "
                             f"preprocess_cryoem.py); pass --min-distance")
-    if not downsample >= 1:
-        raise UserError(f"--downsample is {downsample!r}, expected a factor >= 1")
+    if isinstance(downsample, bool) or not isinstance(downsample, (int, float)) or not downsample >= 1:
+        raise UserError(f"{named['--downsample']} is {downsample!r}, expected a factor >= 1")
     if normalization not in NORMALIZATIONS:
-        raise UserError(f"--normalize is {normalization!r}, expected one of {', '.join(NORMALIZATIONS)}")
-    if not min_distance > 0:
-        raise UserError(f"--min-distance is {min_distance!r}, expected a positive number of pixels")
+        raise UserError(f"{named['--normalize']} is {normalization!r}, expected one of {', '.join(NORMALIZATIONS)}")
+    if isinstance(min_distance, bool) or not isinstance(min_distance, (int, float)) or not min_distance > 0:
+        raise UserError(f"{named['--min-distance']} is {min_distance!r}, expected a positive number of pixels")
     if threshold is not None and not 0 <= threshold <= 1:
         raise UserError(f"--threshold is {threshold!r}, expected a probability in [0, 1] or auto")
     if not 0 <= floor <= 1:
