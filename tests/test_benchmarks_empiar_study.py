@@ -38,3 +38,12 @@ def test_bad_rows_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         empiar_study.main(["--smoke", "--work-dir", str(tmp_path), "--rows", "99"])
     assert exc.value.code == 2 and capsys.readouterr().err.startswith("error: --rows 99")
+
+
+def test_dense_speed_times_both_trunks(capsys):
+    from benchmarks import dense_speed
+    out = dense_speed.main(["--size", "256", "--strides", "16", "32", "--tta"])
+    assert [(r["stride"], r["dilated"], r["tta"]) for r in out["rows"]] == [
+        (16, True, False), (16, False, False), (32, False, False), (16, True, True), (32, False, True)]
+    assert all(r["seconds"] >= r["map_s"] > 0 for r in out["rows"])
+    assert "shift-and-stitch" in capsys.readouterr().out

@@ -119,7 +119,7 @@ def test_picks_come_back_in_the_original_frame(monkeypatch):
     # a hand-made map with peaks at cells (row a, col b) = (3, 5) and (9, 2), map stride 8,
     # downsampling 2 of a 200 x 240 micrograph (scale 2 on both axes): the cell centres are
     # downsampled pixels (u, v) = (8b, 8a) -> original x = (u + 0.5) * 2 - 0.5
-    def fake_map(model, image, patch_size, stride, mode, batch_size, max_tile=None):
+    def fake_map(model, image, patch_size, stride, mode, batch_size, max_tile=None, **options):
         assert image.shape == (100, 120) and stride == 8
         m = torch.zeros(map_shape(100, 120, 8))
         m[3, 5], m[9, 2] = 0.9, 0.7

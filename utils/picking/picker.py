@@ -51,6 +51,7 @@ class PickSettings:
     max_tile: int | None = DEFAULT_TILE
     floor: float = DEFAULT_FLOOR
     tta: bool = False
+    dilate: bool = True  # models.dense.dilated_trunk below the trunk's stride (False: shift-and-stitch)
 
     @property
     def candidate_floor(self):
@@ -209,7 +210,8 @@ def pick_micrograph(model, array, settings, device, name=""):
     _sync(device)
     t1 = time.perf_counter()
     prob = probability_map(model, image, settings.patch_size, settings.stride, settings.mode, settings.batch_size,
-                           max_tile=settings.max_tile if settings.mode == "dense" else None, tta=settings.tta)
+                           max_tile=settings.max_tile if settings.mode == "dense" else None, tta=settings.tta,
+                           dilate=settings.dilate)
     _sync(device)
     t2 = time.perf_counter()
     # peaks in map cells (one cell = stride downsampled px), then to the original frame
