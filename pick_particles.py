@@ -76,9 +76,10 @@ def build_parser():
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False,
                    help="average the maps of the 8 rotations and flips of each micrograph (8x the map's time) "
                         "(default: off)")
-    p.add_argument("--stride", type=int_arg(1), default=32,
+    p.add_argument("--stride", type=int_arg(1), default=16,
                    help="step of the probability map in px of the downsampled micrograph; must divide 32 in "
-                        "dense mode (default: %(default)s)")
+                        "dense mode; 16 ranks particles as well as 8 (EMPIAR-10017: AP 0.686 / 0.685, 0.565 at "
+                        "32) in a quarter of the time, 8 centres picks 3 px closer (default: %(default)s)")
     p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True,
                    help="move each pick to the peak of a quadratic fitted to the map around it, below the "
                         "map's cell (default: on)")
