@@ -157,6 +157,7 @@ class Study:
         self.data, self.models = {}, {}
         self.reference = read_coordinates(geo.coordinates)[0]
         self.train_s_per_epoch = None
+        self.preprocess_s = None
 
     def _data_dir(self, t):
         key = (t.fraction, t.context, t.val_micrograph)
@@ -171,7 +172,9 @@ class Study:
                         "--output-dir", str(out), "--overwrite"]
                 if t.val_micrograph:
                     argv += ["--val-micrographs", g.train[1]]
+                t0 = time.perf_counter()
                 preprocess_cryoem.main(argv)
+                self.preprocess_s = self.preprocess_s or time.perf_counter() - t0
             self.data[key] = out
         return self.data[key]
 
@@ -210,7 +213,9 @@ class Study:
             return pick
         if self.train_s_per_epoch is None:
             return pick
-        return pick + self.train_s_per_epoch * (1 if self.args.smoke else t.epochs)
+        new_data = (t.fraction, t.context, t.val_micrograph) not in self.data
+        return pick + (self.preprocess_s or 0.0) * new_data + self.train_s_per_epoch * (1 if self.args.smoke
+                                                                                         else t.epochs)
 
     def pick(self, name, t, p, seed):
         ckpt, train_s = self.model(t, seed)
