@@ -4,6 +4,9 @@
         --particle-radius 54 --downsample 2 --patch-size 64 --stride 32 \
         --test-micrographs mic_03 mic_04 --output-dir data/my_cryoem
 
+The particle size may be given in Angstrom instead (--particle-diameter-A 150): the pixel size
+comes from the MRC headers, the STAR optics block or --pixel-size.
+
 Micrographs: MRC, TIFF, PNG or JPG (files, folders or glob patterns). Coordinates: a RELION
 STAR, EMAN BOX (or a folder of them, one per micrograph) or CSV/TSV file with x/y columns;
 the log says which columns were used. Writes preprocessed_data.pt (or chunk_*.pt), val.pt /

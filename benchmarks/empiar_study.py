@@ -25,7 +25,6 @@ that would not fit (a training row is estimated from the first training's time) 
 rows done is printed anyway; ``--out`` receives every result as JSON after each row.
 """
 import argparse
-import json
 import math
 import statistics
 import sys

@@ -1,6 +1,5 @@
 """Physical units: pixel sizes from MRC headers, STAR optics blocks and --pixel-size; particle sizes
 in Angstrom converted to pixels in preprocessing and picking; the pixel size in the STAR outputs."""
-import json
 import logging
 
 import mrcfile
@@ -8,7 +7,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import starfile
-import torch
 from PIL import Image
 
 import pick_particles
