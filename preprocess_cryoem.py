@@ -4,6 +4,9 @@
         --particle-radius 54 --downsample 2 --patch-size 64 --stride 32 \
         --test-micrographs mic_03 mic_04 --output-dir data/my_cryoem
 
+The particle size may be given in Angstrom instead (--particle-diameter-A 150): the pixel size
+comes from the MRC headers, the STAR optics block or --pixel-size.
+
 Micrographs: MRC, TIFF, PNG or JPG (files, folders or glob patterns). Coordinates: a RELION
 STAR, EMAN BOX (or a folder of them, one per micrograph) or CSV/TSV file with x/y columns;
 the log says which columns were used. Writes preprocessed_data.pt (or chunk_*.pt), val.pt /
@@ -26,8 +29,15 @@ def build_parser():
     p.add_argument("--coordinates", required=True,
                    help="particle centres: a STAR, BOX or CSV/TSV file, or a folder of per-micrograph files")
     p.add_argument("--output-dir", required=True, help="folder for the training files (the --data-dir of training)")
-    p.add_argument("--particle-radius", type=float_arg(0, low_open=True), required=True,
-                   help="particle radius in px; val/test negatives lie farther than this from every particle")
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--particle-radius", type=float_arg(0, low_open=True), default=None,
+                      help="particle radius in px; val/test negatives lie farther than this from every particle")
+    size.add_argument("--particle-diameter-A", type=float_arg(0, low_open=True), default=None,
+                      help="or: the particle diameter in Angstrom; radius = diameter / 2 / pixel size")
+    p.add_argument("--pixel-size", type=float_arg(0, low_open=True), default=None,
+                   help="Angstrom per pixel of the micrographs (default: the MRC headers, else the optics block "
+                        "of a STAR --coordinates file; JPG/PNG/TIFF carry none); micrographs of different pixel "
+                        "sizes in one run are an error")
     p.add_argument("--patch-size", type=int_arg(8), default=128,
                    help="side of the classified window in px of the downsampled micrograph, a multiple of 32 for "
                         "dense picking (default: %(default)s)")
@@ -81,7 +91,8 @@ def main(argv=None):
         downsample=args.downsample, labelled_fraction=args.labelled_fraction, labelled_count=args.labelled_count,
         val_micrographs=tuple(args.val_micrographs), test_micrographs=tuple(args.test_micrographs),
         positive_radius=args.positive_radius, expected_particles=args.expected_particles,
-        normalization=args.normalize, seed=args.seed, chunk_size=args.chunk_size, dtype=args.dtype)
+        normalization=args.normalize, seed=args.seed, chunk_size=args.chunk_size, dtype=args.dtype,
+        particle_diameter_A=args.particle_diameter_A, pixel_size=args.pixel_size)
     logger = setup_run_logger("preprocess_cryoem", None)
     try:
         return run_preprocess(args.micrographs, args.coordinates, args.output_dir, opts, logger,

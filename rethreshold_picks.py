@@ -93,7 +93,8 @@ def main(argv=None):
         try:
             lock.tidy(logger)
             log_removed_staging(staging, logger)
-            picks, counts = write_picks(staging, out, candidates, args.threshold, entries, summary["box_size"])
+            picks, counts = write_picks(staging, out, candidates, args.threshold, entries, summary["box_size"],
+                                        summary.get("pixel_size"))
             if overlay:
                 write_overlays(staging, entries, sources, candidates, args.threshold, summary["particle_radius"],
                                summary["invert_y"])

@@ -20,6 +20,16 @@ from utils.interrupt import rerun_command
 DEFAULT_CONFIG = "configs/pu_selective_fixmatch.yaml"
 
 
+def prior_arg(text):
+    """``auto`` or a number (argparse type of --prior; the range is checked with the config)."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1) or auto, got {text!r}") from None
+
+
 def build_parser():
     parser = ArgumentParser(
         description="Train a cryo-EM particle classifier from positive and unlabelled patches "
@@ -34,6 +44,10 @@ def build_parser():
                         help="patches per batch, mixed by data.batch_ratio (default: training.batch_size of the config)")
     parser.add_argument("--epochs", type=int_arg(1), default=None,
                         help="maximum number of epochs (default: training.epochs of the config)")
+    parser.add_argument("--prior", type=prior_arg, default=None,
+                        help="class prior pi of the nnPU risk, a number in (0, 1) or auto = the data's metadata.prior "
+                             "(0.3, the documented default, with a warning when the data hold none) (default: "
+                             "loss.prior of the config)")
     parser.add_argument("--output-dir", default="experiments",
                         help="parent folder of the run directories (default: %(default)s/)")
     parser.add_argument("--resume", action="store_true",

@@ -40,6 +40,7 @@ comparison method must be given) and ``preprocess.json`` (the metadata and the c
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -55,7 +56,7 @@ import torch.nn.functional as F
 from scipy.spatial import cKDTree
 
 from datasets.micrographs import (check_coordinates, drop_duplicate_coordinates, list_micrographs, micrograph_key,
-                                  micrograph_shape, read_coordinates, read_micrograph, write_csv)
+                                  micrograph_shape, read_coordinates, read_micrograph, resolve_pixel_size, write_csv)
 from utils.checkpoint import save_checkpoint
 from utils.checks import check_output_dir
 from utils.errors import UserError
@@ -143,8 +144,13 @@ def _nearest_distance(points_xy, targets_xy):
 # ----------------------------------------------------------------------------- options
 @dataclass(frozen=True)
 class PreprocessOptions:
-    """What ``preprocess_cryoem.py`` exposes as flags (distances in original pixels)."""
-    particle_radius: float
+    """What ``preprocess_cryoem.py`` exposes as flags (distances in original pixels).
+
+    ``particle_diameter_A`` (Angstrom) replaces ``particle_radius`` when given: the radius is then
+    ``diameter / 2 / pixel size``, the pixel size from ``pixel_size`` (Angstrom per pixel), the MRC
+    headers or the coordinates' STAR optics block (:func:`datasets.micrographs.resolve_pixel_size`).
+    """
+    particle_radius: float | None = None
     patch_size: int = 128
     context: int = 64
     stride: int = 64
@@ -159,12 +165,14 @@ class PreprocessOptions:
     seed: int = 0
     chunk_size: int = 20000
     dtype: str = "float16"
+    particle_diameter_A: float | None = None
+    pixel_size: float | None = None
 
     def check(self):
         """UserError naming the flag for a value out of range."""
         def bad(flag, value, expected):
             raise UserError(f"{flag} is {value!r}, expected {expected}")
-        if not self.particle_radius > 0 or not math.isfinite(self.particle_radius):
+        if self.particle_radius is None or not self.particle_radius > 0 or not math.isfinite(self.particle_radius):
             bad("--particle-radius", self.particle_radius, "a positive number of pixels")
         if self.patch_size < 8 or self.patch_size % 2:
             bad("--patch-size", self.patch_size, "an even number >= 8")
@@ -306,6 +314,22 @@ def run_preprocess(micrograph_inputs, coordinates_path, out_dir, opts, logger=No
     (bad input found late) leaves an earlier preprocessing untouched.
     """
     log = logger or logging.getLogger(__name__)
+    paths = list_micrographs(micrograph_inputs)
+    pixel_size, pixel_source = resolve_pixel_size(paths, opts.pixel_size, coordinates_path, log)
+    if opts.particle_diameter_A is not None:
+        if not (math.isfinite(opts.particle_diameter_A) and opts.particle_diameter_A > 0):
+            raise UserError(f"--particle-diameter-A is {opts.particle_diameter_A!r}, expected a positive number of "
+                            f"Angstrom")
+        if pixel_size is None:
+            raise UserError(f"--particle-diameter-A {opts.particle_diameter_A:g} needs the pixel size, and neither the "
+                            f"micrographs (no MRC header with one) nor {coordinates_path} (no optics block) give it; "
+                            f"pass --pixel-size A/px, or --particle-radius in px")
+        opts = dataclasses.replace(opts, particle_radius=opts.particle_diameter_A / 2 / pixel_size)
+        log.info("particle radius %.2f px: diameter %g A / 2 / %g A/px (from %s)", opts.particle_radius,
+                 opts.particle_diameter_A, pixel_size, pixel_source)
+    elif pixel_size is not None:
+        log.info("pixel size %g A/px (from %s): particle diameter %.0f A", pixel_size, pixel_source,
+                 2 * opts.particle_radius * pixel_size if opts.particle_radius else float("nan"))
     opts.check()
     out_dir = Path(out_dir)
     check_output_dir(out_dir, "--output-dir")
@@ -314,7 +338,6 @@ def run_preprocess(micrograph_inputs, coordinates_path, out_dir, opts, logger=No
     if existing_data(out_dir) and not overwrite:
         raise UserError(f"{out_dir} already holds preprocessed data ({', '.join(existing_data(out_dir)[:3])}); "
                         f"pass --overwrite to replace it or choose another --output-dir")
-    paths = list_micrographs(micrograph_inputs)
     roles = _roles(paths, opts)
     coords, info = read_coordinates(coordinates_path)
     log.info(info)
@@ -346,6 +369,7 @@ def run_preprocess(micrograph_inputs, coordinates_path, out_dir, opts, logger=No
         "patch_size": full, "window_size": P, "context": opts.context, "stride": opts.stride,
         "downsample": float(opts.downsample), "normalization": opts.normalization,
         "particle_radius": float(opts.particle_radius), "positive_radius": float(opts.pos_radius),
+        "pixel_size": pixel_size, "particle_diameter_A": opts.particle_diameter_A,
         "prior": float(prior),
         "prior_method": ("expected_particles" if opts.expected_particles is not None
                          else "annotated coordinates: fraction of unlabelled windows within positive_radius"),

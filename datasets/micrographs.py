@@ -256,6 +256,93 @@ def _read_pillow(path):
     return image
 
 
+# ----------------------------------------------------------------------------- pixel size
+# Two pixel sizes closer than this (relative) are the same (headers round them differently).
+PIXEL_SIZE_TOLERANCE = 0.005
+
+
+def micrograph_pixel_size(path):
+    """The pixel size in Angstrom per pixel from an MRC header (mrcfile's ``voxel_size.x``), or None for
+    other formats and for a header that holds none (0, what many tools write when they do not know)."""
+    path = Path(path)
+    if path.suffix.lower() not in (".mrc", ".mrcs"):
+        return None
+    try:
+        with mrcfile.open(path, mode="r", permissive=True, header_only=True) as mrc:
+            size = float(mrc.voxel_size.x)
+    except Exception as exc:
+        raise UserError(f"{path}: cannot be read as MRC ({_one_line(exc)})") from None
+    return size if math.isfinite(size) and size > 0 else None
+
+
+def star_pixel_size(path):
+    """The pixel size (Angstrom per pixel) a STAR file's optics block gives its micrographs:
+    ``rlnMicrographPixelSize``, else ``rlnImagePixelSize`` (RELION 3.1+), or None when it has neither.
+    Optics groups with different sizes are a :class:`UserError` (one pixel size per run)."""
+    path = Path(path)
+    if path.suffix.lower() != ".star" or not path.is_file():
+        return None
+    try:
+        blocks = starfile.read(path, always_dict=True)
+    except Exception as exc:
+        raise UserError(f"{path}: cannot be parsed as STAR ({_one_line(exc)})") from None
+    for column in ("rlnMicrographPixelSize", "rlnImagePixelSize"):
+        for name, block in blocks.items():
+            if isinstance(block, dict):
+                block = pd.DataFrame({k: [v] for k, v in block.items()})
+            if column not in getattr(block, "columns", ()):
+                continue
+            values = _numbers(path, f"{column} (block data_{name})", block[column])
+            if (values <= 0).any():
+                raise UserError(f"{path}: {column} (block data_{name}) is {values[values <= 0][0]:g}; expected a "
+                                f"positive pixel size in Angstrom")
+            if values.max() > values.min() * (1 + PIXEL_SIZE_TOLERANCE):
+                raise UserError(f"{path}: {column} (block data_{name}) holds different pixel sizes "
+                                f"({values.min():g} and {values.max():g} A/px); expected one pixel size per run: "
+                                f"process each optics group separately")
+            return float(values[0])
+    return None
+
+
+def resolve_pixel_size(paths, given=None, star=None, log=None):
+    """``(Angstrom per pixel or None, where it came from)`` for the micrographs ``paths``.
+
+    ``given`` (``--pixel-size``) wins (a warning when an MRC header says otherwise); else the MRC
+    headers (:func:`micrograph_pixel_size`), which must agree; else the optics block of the STAR file
+    ``star`` (:func:`star_pixel_size`); else None (JPG/PNG/TIFF carry none). Micrographs of different
+    pixel sizes in one run are a :class:`UserError`: the network's input scale must be the same for
+    all, so process them in separate runs (or rescale them to one pixel size first).
+    """
+    log = log if log is not None else logger
+    headers = {str(p): micrograph_pixel_size(p) for p in paths}
+    known = {p: v for p, v in headers.items() if v is not None}
+    if known:
+        (p_lo, lo), (p_hi, hi) = min(known.items(), key=lambda kv: kv[1]), max(known.items(), key=lambda kv: kv[1])
+        if hi > lo * (1 + PIXEL_SIZE_TOLERANCE):
+            raise UserError(f"{p_hi}: pixel size {hi:g} A/px in its MRC header, but {p_lo} has {lo:g} A/px; expected "
+                            f"one pixel size per run: pick or preprocess them separately, or rescale them to one "
+                            f"pixel size first")
+    if given is not None:
+        if not (math.isfinite(given) and given > 0):
+            raise UserError(f"--pixel-size is {given!r}, expected a positive number of Angstrom per pixel")
+        off = {p: v for p, v in known.items() if abs(v - given) > given * PIXEL_SIZE_TOLERANCE}
+        if off:
+            p, v = next(iter(off.items()))
+            log.warning("--pixel-size %g A/px differs from the MRC header of %s (%g A/px); using --pixel-size", given,
+                        p, v)
+        return float(given), "--pixel-size"
+    if known:
+        if len(known) < len(headers):
+            missing = next(p for p, v in headers.items() if v is None)
+            raise UserError(f"{missing}: has no pixel size, but the MRC headers of the other micrographs do; "
+                            f"pass --pixel-size")
+        return float(next(iter(known.values()))), "the MRC headers"
+    from_star = star_pixel_size(star) if star is not None else None
+    if from_star is not None:
+        return from_star, f"the optics block of {star}"
+    return None, "unknown"
+
+
 # ----------------------------------------------------------------------------- reading coordinates
 def read_coordinates(path, micrograph=None):
     """Read particle centres from a STAR, BOX, CSV, TSV or TXT file, or a directory of them.
@@ -516,12 +603,15 @@ def _read_table(path, text, sep, micrograph):
 
 
 # ----------------------------------------------------------------------------- writing coordinates
-def write_star(path, df):
+def write_star(path, df, pixel_size=None):
     """Write ``df`` (micrograph, x, y[, score]) as one STAR loop, atomically.
 
     Columns ``_rlnMicrographName _rlnCoordinateX _rlnCoordinateY _rlnAutopickFigureOfMerit``;
     the score column is left out when ``df`` has none or all its scores are NaN (single
-    missing scores are written as ``nan``). Numbers have 6 decimals.
+    missing scores are written as ``nan``). Numbers have 6 decimals. With ``pixel_size``
+    (Angstrom per pixel) the file is laid out as RELION 3.1+ writes particles: a ``data_optics``
+    block (one group with ``_rlnMicrographPixelSize``) then ``data_particles`` with
+    ``_rlnOpticsGroup``.
     """
     block = pd.DataFrame({
         "rlnMicrographName": df["micrograph"].astype(str).to_numpy(),
@@ -530,7 +620,13 @@ def write_star(path, df):
     })
     if "score" in df.columns and df["score"].notna().any():
         block["rlnAutopickFigureOfMerit"] = df["score"].to_numpy(dtype=np.float64)
-    text = starfile.to_string(block, float_format="%.6f", na_rep="nan")
+    if pixel_size is None:
+        text = starfile.to_string(block, float_format="%.6f", na_rep="nan")
+    else:
+        block["rlnOpticsGroup"] = 1
+        optics = pd.DataFrame({"rlnOpticsGroupName": ["opticsGroup1"], "rlnOpticsGroup": [1],
+                               "rlnMicrographPixelSize": [float(pixel_size)]})
+        text = starfile.to_string({"optics": optics, "particles": block}, float_format="%.6f", na_rep="nan")
     atomic_write(path, lambda f: f.write(text), mode="w")
 
 

@@ -23,7 +23,10 @@ Two ways to compute it:
   gives the classifier's logit for every patch whose corner is on the ``S`` grid. A map
   stride ``s < S`` (``S`` a multiple of ``s``) repeats this on the ``(S/s)^2`` shifted copies
   of the input (shift-and-stitch) and interleaves the results. Cost: ``(S/s)^2`` forward
-  passes of the trunk over the micrograph, instead of one pass per patch.
+  passes of the trunk over the micrograph, instead of one pass per patch. For ``s <= 16`` a ResNet
+  runs as :func:`dilated_trunk` instead (``layer4`` at stride 1, dilated by 2, as DeepLab does):
+  output stride 16, so the stride-16 map takes one pass (the same map, to float rounding; tested)
+  and stride 8 four.
 
 Tiles. Densely, the trunk's activations grow with the micrograph (a 4096 x 4096 image at
 ResNet-18's first layer alone is 64 x 2048 x 2048 floats, 1 GiB). With ``max_tile`` the trunk runs
@@ -52,6 +55,7 @@ Blanking the outer context at training time does not help (tried): the gap comes
 padded feature maps, not from the pixels beyond the context. With a trunk whose receptive
 field stays inside its own block the two maps are equal to float precision (tested).
 """
+import copy
 import math
 
 import torch
@@ -97,31 +101,64 @@ def trunk_reach(trunk):
     return J, lo, hi
 
 
+def dilated_trunk(trunk):
+    """A view of a torchvision ResNet ``trunk`` whose last stage (``layer4``) runs at stride 1 with its
+    later 3 x 3 convolutions dilated by 2 (DeepLab's "atrous" trunk), sharing ``trunk``'s parameters
+    and buffers; None when ``trunk`` has no ``layer4``.
+
+    Its output stride is 16 instead of 32, and its feature ``2 o`` is exactly feature ``o`` of
+    ``trunk`` (a stride-2 convolution's output is the stride-1 output at the even positions, and a
+    dilation of 2 reads exactly those): the odd features are those ``trunk`` computes on the input
+    shifted by 16 px, up to the zero padding at the input's own edges. One pass of this trunk thus
+    gives the stride-16 map for which shift-and-stitch needs four passes of ``trunk``, for about 40%
+    of their work (ResNet-18: the stem to layer3 once, layer4 on 4x the positions).
+    """
+    if not hasattr(trunk, "layer4"):
+        return None
+    shared = {id(t): t for t in [*trunk.parameters(), *trunk.buffers()]}
+    view = copy.deepcopy(trunk, shared)
+    strided = False
+    for conv in view.layer4.modules():  # registration order = execution order in a torchvision block
+        if not isinstance(conv, nn.Conv2d):
+            continue
+        if conv.stride != (1, 1):  # the stage's stride-2 convolution and its 1 x 1 shortcut
+            conv.stride = (1, 1)
+            strided = True
+        elif strided and conv.kernel_size != (1, 1):
+            conv.dilation = (2, 2)
+            conv.padding = (conv.kernel_size[0] - 1, conv.kernel_size[1] - 1)
+    return view
+
+
 def tile_spans(n_cells, length, patch_size, context, max_tile, reach, trunk_stride=TRUNK_STRIDE):
     """Split ``n_cells`` map cells of one axis into tiles: a list of ``(c0, c1, a, b)``, cells
     ``c0 <= i < c1`` computed from the input span ``a <= x < b`` (of ``length`` px).
 
-    Cell ``i`` pools features ``i + m .. i + m + k - 1`` (``m`` context cells, ``k`` window
-    cells); feature ``o`` needs inputs ``J*o + lo .. J*o + hi`` (``reach``). ``a`` is on the
-    stride grid, and a span that would pass an end of the image stops at it. One tile when
-    ``max_tile`` is None or the whole axis fits.
+    ``reach = (J, lo, hi)`` of the trunk that runs (:func:`trunk_reach`): feature ``o`` needs inputs
+    ``J*o + lo .. J*o + hi``, and one cell per ``J`` px. The classified window is ``k`` cells of
+    ``trunk_stride`` px after ``m`` context cells; on the trunk's own grid (``g = trunk_stride / J``
+    features per cell: 2 for :func:`dilated_trunk`) cell ``i`` pools features ``i + g*m + g*j``,
+    ``j < k``. ``a`` is on the ``J`` grid, and a span that would pass an end of the image stops at
+    it. One tile when ``max_tile`` is None or the whole axis fits.
     """
     if max_tile is None or length <= max_tile:
         return [(0, n_cells, 0, length)]
     J, lo, hi = reach
-    if J != trunk_stride:
-        raise ValueError(f"the trunk's stride is {J}, expected {trunk_stride}")
+    if J < 1 or trunk_stride % J:
+        raise ValueError(f"the trunk's stride is {J}, expected a divisor of {trunk_stride}")
+    g = trunk_stride // J
     m = context // trunk_stride
     k = patch_size // trunk_stride - 2 * m
+    first, extent = g * m, g * (k - 1)  # the first pooled feature after the cell's own, and the pooled span
 
     def span(c0, c1):
-        a = max(0, (J * (c0 + m) + lo) // J * J)
-        return a, min(length, J * (c1 - 1 + m + k - 1) + hi + 1)
+        a = max(0, (J * (c0 + first) + lo) // J * J)
+        return a, min(length, J * (c1 - 1 + first + extent) + hi + 1)
 
     # the most cells per tile whose span (with its alignment slack) fits in max_tile
-    per_tile = (max_tile - (hi - lo + 1) - (J - 1)) // J - k + 2
+    per_tile = (max_tile - (hi - lo + 1) - (J - 1)) // J - extent + 1
     if per_tile < 1:
-        need = (hi - lo + 1) + (J - 1) + (k - 1) * J
+        need = (hi - lo + 1) + (J - 1) + extent * J
         raise ValueError(f"a tile of {max_tile} px cannot hold one map cell of this model with its receptive "
                          f"field; use at least {need} px")
     n_tiles = math.ceil(n_cells / per_tile)
@@ -129,16 +166,45 @@ def tile_spans(n_cells, length, patch_size, context, max_tile, reach, trunk_stri
     return [(c0, min(n_cells, c0 + size), *span(c0, min(n_cells, c0 + size))) for c0 in range(0, n_cells, size)]
 
 
+def symmetric_average(map_fn, image, stride):
+    """Test-time augmentation: the mean of ``map_fn``'s probability maps over the 8 rotations and flips
+    of the square grid (the dihedral group D4), each turned back, ``[ceil(h/stride), ceil(w/stride)]``.
+
+    A micrograph has no preferred orientation, so the 8 are equally valid views of it. The image is
+    first padded with zeros (the mean of a z-scored micrograph; the dense map reads zeros beyond the
+    edge anyway) to ``H x W`` with ``H - 1`` and ``W - 1`` multiples of ``stride``: the transforms
+    then move map cells onto map cells, and the averaged map is exactly equivariant (the map of a
+    rotated image is the rotated map).
+    """
+    h, w = image.shape
+    H, W = (stride * math.ceil((n - 1) / stride) + 1 for n in (h, w))
+    x = F.pad(image, (0, W - w, 0, H - h))
+    total = None
+    for turns in range(4):
+        for flip in (False, True):
+            view = torch.rot90(x, turns, (0, 1))
+            view = view.flip(1) if flip else view
+            prob = map_fn(view)
+            prob = prob.flip(1) if flip else prob
+            prob = torch.rot90(prob, -turns, (0, 1))
+            total = prob if total is None else total + prob
+    na, nb = map_shape(h, w, stride)
+    return (total / 8)[:na, :nb].contiguous()
+
+
 @torch.inference_mode()
 def probability_map(model, image, patch_size, stride=32, mode="dense", batch_size=256,
-                    trunk_stride=TRUNK_STRIDE, max_tile=None):
+                    trunk_stride=TRUNK_STRIDE, max_tile=None, dilate=True, tta=False):
     """Particle probabilities ``[ceil(h/stride), ceil(w/stride)]`` (float32, on the image's device).
 
     ``model`` is a :class:`models.fixmatch_pu.FixMatchPUModel` (``trunk`` + ``head``); it is
     used in eval mode and left in the mode it was in. ``image`` is ``[h, w]`` on the model's
     device. ``mode`` is ``"dense"`` or ``"crops"`` (see the module docstring); ``batch_size``
     is the number of crops per forward pass in ``"crops"`` mode; ``max_tile`` (dense mode; px per
-    side, None = the whole image at once) bounds the trunk's input and so its memory.
+    side, None = the whole image at once) bounds the trunk's input and so its memory. ``dilate``
+    (dense mode, a map stride below the trunk's): run a ResNet's :func:`dilated_trunk`, the same map
+    as shift-and-stitch of the plain trunk for about 40% of the work at stride 16; ``tta``: average
+    the maps of the 8 rotations and flips (:func:`symmetric_average`, 8x the work).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -148,14 +214,18 @@ def probability_map(model, image, patch_size, stride=32, mode="dense", batch_siz
         check_geometry(patch_size, stride, trunk_stride)
     was_training = model.training
     model.eval()
-    try:
+
+    def one_map(img):
         if mode == "dense":
-            logits = _dense_logits(model, image.float(), patch_size, stride, trunk_stride, max_tile)
+            logits = _dense_logits(model, img, patch_size, stride, trunk_stride, max_tile, dilate)
         else:
-            logits = _crop_logits(model, image.float(), patch_size, stride, batch_size)
+            logits = _crop_logits(model, img, patch_size, stride, batch_size)
+        return torch.sigmoid(logits.float())
+
+    try:
+        return symmetric_average(one_map, image.float(), stride) if tta else one_map(image.float())
     finally:
         model.train(was_training)
-    return torch.sigmoid(logits.float())
 
 
 def _padded(image, patch_size, stride, extra):
@@ -183,17 +253,27 @@ def _crop_logits(model, image, patch_size, stride, batch_size):
     return out
 
 
-def _dense_logits(model, image, patch_size, stride, trunk_stride, max_tile=None):
+def _dense_logits(model, image, patch_size, stride, trunk_stride, max_tile=None, dilate=True):
+    trunk, T = model.trunk, trunk_stride
+    if dilate and stride < trunk_stride:
+        view = dilated_trunk(model.trunk)
+        if view is not None:
+            trunk, T = view, trunk_stride // 2
     # extra margin so that every shifted copy still holds whole trunk windows for all cells
     padded, na, nb = _padded(image, patch_size, stride, extra=trunk_stride)
     context = getattr(model, "context", 0)
-    m = context // trunk_stride  # feature rows of context on each side
-    k = patch_size // trunk_stride - 2 * m  # the classified window's feature block is k x k
+    m = context // trunk_stride  # window cells of context on each side
+    k = patch_size // trunk_stride - 2 * m  # the classified window's feature block is k x k cells
     if k < 1:
         raise ValueError(f"patch size {patch_size} leaves no window inside a context of {m * trunk_stride} px")
-    r = trunk_stride // stride  # shifted copies per axis
-    reach = trunk_reach(model.trunk) if max_tile is not None else None
+    g = trunk_stride // T  # trunk features per window cell: 1, or 2 for the dilated trunk
+    r = max(1, T // stride)  # shifted copies per axis
+    reach = trunk_reach(trunk) if max_tile is not None else None
     linear = model.head[-1]  # Dropout (identity in eval) then Linear(F, 1)
+    weight, bias = linear.weight[0].float(), linear.bias.float()
+    # the head is linear, so the window mean of the features then the head = the window mean of the
+    # head's per-feature logits: pool one channel instead of F
+    kernel = torch.full((1, 1, k, k), 1.0 / (k * k), device=image.device)
     out = torch.empty(na, nb, device=image.device)
     for dy in range(r):
         rows = len(range(dy, na, r))  # cells a = dy + r*i come from this shift
@@ -206,13 +286,12 @@ def _dense_logits(model, image, patch_size, stride, trunk_stride, max_tile=None)
             for i0, i1, ya, yb in tile_spans(rows, x.shape[-2], patch_size, context, max_tile, reach, trunk_stride):
                 for j0, j1, xa, xb in tile_spans(cols, x.shape[-1], patch_size, context, max_tile, reach,
                                                  trunk_stride):
-                    feats = model.trunk(x[:, :, ya:yb, xa:xb])  # [1, F, ., .]
-                    # window mean of each k x k block; the block of the patch starting at feature i
-                    # begins at feature i + m (the context rows come first); this tile's feature 0 is
-                    # the whole image's feature ya / stride
-                    fy, fx = i0 + m - ya // trunk_stride, j0 + m - xa // trunk_stride
-                    pooled = F.avg_pool2d(feats, k, stride=1)[:, :, fy:fy + i1 - i0, fx:fx + j1 - j0]
-                    logits = torch.einsum("bchw,c->bhw", pooled.float(), linear.weight[0].float()) \
-                        + linear.bias.float()
-                    block[i0:i1, j0:j1] = logits[0]
+                    feats = trunk(x[:, :, ya:yb, xa:xb])  # [1, F, ., .]
+                    z = torch.einsum("bchw,c->bhw", feats.float(), weight)[:, None]
+                    # window mean of each k x k block (every g-th feature); the block of the patch
+                    # starting at feature i begins at feature i + g*m (the context cells come first);
+                    # this tile's feature 0 is the whole copy's feature ya / T
+                    pooled = F.conv2d(z, kernel, dilation=g)[0, 0]
+                    fy, fx = i0 + g * m - ya // T, j0 + g * m - xa // T
+                    block[i0:i1, j0:j1] = pooled[fy:fy + i1 - i0, fx:fx + j1 - j0] + bias
     return out

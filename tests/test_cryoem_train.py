@@ -493,6 +493,39 @@ def test_a_configured_prior_far_from_the_datas_is_a_loud_warning(tmp_path):
     assert trainer._prior_mismatch(0.024, SimpleNamespace(metadata={"prior": 0.05}, files=[])) is not None
 
 
+def test_auto_prior_without_a_prior_in_the_data_uses_the_documented_default(tmp_path):
+    # the seed's layout: preprocessed_data.pt with patches and a metadata dict that has no prior
+    data = generate_cryoem_demo(tmp_path / "data", n_pos=40, n_unl=160, n_val=0, n_test=0, patch_size=32,
+                                prior=0.1, seed=2)
+    obj = torch.load(data / "preprocessed_data.pt", weights_only=True)
+    del obj["metadata"]["prior"]
+    torch.save(obj, data / "preprocessed_data.pt")
+    config = _write_config(tmp_path / "auto.yaml", loss={"prior": "auto"})
+    result = entry.main(_argv(config, data, tmp_path / "out", exp="seed", epochs=1))
+    assert result["data"]["prior"] == 0.3
+    log = (tmp_path / "out" / "seed" / "train.log").read_text()
+    assert "hold no metadata.prior" in log and "using 0.3, the documented default, NOT an estimate" in log
+    assert "set loss.prior in the YAML config or pass --prior" in log
+    assert "prior 0.3 (the documented default: the data hold no prior)" in log
+    # --prior on the command line wins over the YAML's auto, and the warning goes
+    result = entry.main(_argv(config, data, tmp_path / "out", "--prior", "0.15", exp="flag", epochs=1))
+    assert result["data"]["prior"] == 0.15
+    assert "documented default" not in (tmp_path / "out" / "flag" / "train.log").read_text()
+
+
+def test_a_prior_in_the_data_that_is_not_a_probability_is_an_error(tmp_path, capsys):
+    data = generate_cryoem_demo(tmp_path / "data", n_pos=40, n_unl=160, n_val=0, n_test=0, patch_size=32,
+                                prior=0.1, seed=2)
+    obj = torch.load(data / "preprocessed_data.pt", weights_only=True)
+    obj["metadata"]["prior"] = 1.5
+    torch.save(obj, data / "preprocessed_data.pt")
+    config = _write_config(tmp_path / "auto.yaml", loss={"prior": "auto"})
+    lines = _expect_user_error(capsys, _argv(config, data, tmp_path / "out", exp="bad", epochs=1))
+    _assert_one_error_line(lines, "metadata.prior 1.5", "loss.prior")
+    lines = _expect_user_error(capsys, _argv(config, data, tmp_path / "out", "--prior", "2", exp="bad", epochs=1))
+    _assert_one_error_line(lines, "--prior", "loss.prior", "2")
+
+
 # ------------------------------------------------------------------------------- 3. bad input
 
 def _missing_data_dir(data, tmp_path):

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from datasets.cryoem_preprocess import crops_at, to_original
-from models.dense import check_geometry, map_shape, probability_map, tile_spans, trunk_reach
+from models.dense import (check_geometry, dilated_trunk, map_shape, probability_map, symmetric_average, tile_spans,
+                          trunk_reach)
 from models.fixmatch_pu import FixMatchPUModel
 from utils.picking import picker as particle_picker
 from utils.picking.picker import PickSettings, pick_micrograph
@@ -118,7 +119,7 @@ def test_picks_come_back_in_the_original_frame(monkeypatch):
     # a hand-made map with peaks at cells (row a, col b) = (3, 5) and (9, 2), map stride 8,
     # downsampling 2 of a 200 x 240 micrograph (scale 2 on both axes): the cell centres are
     # downsampled pixels (u, v) = (8b, 8a) -> original x = (u + 0.5) * 2 - 0.5
-    def fake_map(model, image, patch_size, stride, mode, batch_size, max_tile=None):
+    def fake_map(model, image, patch_size, stride, mode, batch_size, max_tile=None, **options):
         assert image.shape == (100, 120) and stride == 8
         m = torch.zeros(map_shape(100, 120, 8))
         m[3, 5], m[9, 2] = 0.9, 0.7
@@ -185,3 +186,95 @@ def test_tiled_resnet_map_and_picks_equal_untiled():
 def test_tile_too_small_for_the_receptive_field():
     with pytest.raises(ValueError, match="use at least 466 px"):
         tile_spans(20, 900, 96, 32, 400, (32, -217, 217))
+
+
+# ------------------------------------------------------------------- dilated trunk, TTA
+
+@pytest.mark.parametrize("stride", [16, 8])
+def test_dilated_trunk_gives_the_shift_and_stitch_map(stride):
+    # one pass of ResNet-18 with layer4 at stride 1 and dilation 2 against (32 / stride)^2 shifted
+    # passes of the plain trunk, interleaved
+    torch.manual_seed(0)
+    model = FixMatchPUModel("resnet18", context=64).eval()
+    img = torch.nn.functional.avg_pool2d(torch.randn(1, 1, 300, 260), 5, 1, 2)[0, 0] * 4
+    stitched = probability_map(model, img, 192, stride, "dense", dilate=False)
+    dilated = probability_map(model, img, 192, stride, "dense", dilate=True)
+    assert dilated.shape == stitched.shape == map_shape(300, 260, stride)
+    assert float(stitched.std()) > 0.01  # a map with structure, not a constant
+    torch.testing.assert_close(dilated, stitched, atol=5e-5, rtol=0)
+    view = dilated_trunk(model.trunk)
+    assert view.layer4[0].conv1.stride == (1, 1) and view.layer4[1].conv2.dilation == (2, 2)
+    assert view.layer4[0].conv1.weight is model.trunk.layer4[0].conv1.weight  # shared, not copied
+    assert model.trunk.layer4[0].conv1.stride == (2, 2)  # the model itself is untouched
+    assert trunk_reach(view)[0] == 16
+
+
+def test_dilated_resnet50_trunk_gives_the_shift_and_stitch_map():
+    torch.manual_seed(0)
+    model = FixMatchPUModel("resnet50", context=32).eval()
+    img = torch.randn(200, 170)
+    torch.testing.assert_close(probability_map(model, img, 128, 16, "dense", dilate=True),
+                               probability_map(model, img, 128, 16, "dense", dilate=False), atol=5e-5, rtol=0)
+
+
+def test_tiled_dilated_map_equals_untiled():
+    torch.manual_seed(0)
+    model = FixMatchPUModel("resnet18", context=64).eval()
+    img = torch.randn(700, 650)
+    whole = probability_map(model, img, 192, 16, "dense")
+    tiled = probability_map(model, img, 192, 16, "dense", max_tile=800)
+    J, lo, hi = trunk_reach(dilated_trunk(model.trunk))
+    assert len(tile_spans(whole.shape[0], 700 + 192 + 32, 192, 64, 800, (J, lo, hi))) >= 2  # really tiled
+    torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape, stride", [((33, 49), 8), ((30, 45), 8), ((64, 64), 16)])
+def test_symmetric_average_of_an_equivariant_map_is_that_map(shape, stride):
+    # a map that samples the image at its grid points is exactly equivariant: averaging it over the
+    # 8 rotations and flips must give it back, which only holds if every view is turned back onto
+    # the right cells
+    img = torch.randn(*shape)
+
+    def sample(x):
+        return torch.sigmoid(x[::stride, ::stride])
+
+    expect = sample(img)
+    assert expect.shape == map_shape(*shape, stride)
+    torch.testing.assert_close(symmetric_average(sample, img, stride), expect, atol=1e-6, rtol=0)
+
+
+def test_tta_map_of_a_symmetric_input_is_symmetric():
+    torch.manual_seed(0)
+    model = FixMatchPUModel("resnet18", context=32).eval()
+    n = 16 * 12 + 1  # n - 1 a multiple of the stride: the grid's centre is the image's
+    yy, xx = torch.meshgrid(torch.arange(n) - n // 2, torch.arange(n) - n // 2, indexing="ij")
+    img = -3 * torch.exp(-(yy ** 2 + xx ** 2).float() / 300) + torch.cos(xx.float() / 9) * torch.cos(yy.float() / 9)
+    assert torch.equal(img, img.T) and torch.equal(img, img.flip(0))  # symmetric under the 8 transforms
+    plain = probability_map(model, img, 128, 16, "dense")
+    tta = probability_map(model, img, 128, 16, "dense", tta=True)
+    for turns in range(4):
+        for flip in (False, True):
+            view = torch.rot90(tta, turns, (0, 1))
+            torch.testing.assert_close(view.flip(1) if flip else view, tta, atol=1e-5, rtol=0)
+    assert float((plain - plain.flip(1)).abs().max()) > 1e-3  # the network alone is not symmetric
+
+
+@pytest.mark.parametrize("stride", [8, 32])
+def test_tta_runs_in_tiles_too(stride):
+    model = _local_model(context=32).eval()
+    img = torch.randn(250, 301)
+    whole = probability_map(model, img, 96, stride, "dense", tta=True)
+    tiled = probability_map(model, img, 96, stride, "dense", tta=True, max_tile=128)
+    assert len(tile_spans(whole.shape[0] // (32 // stride), 250 + 96 + 32, 96, 32, 128,
+                          trunk_reach(model.trunk))) >= 2  # really tiled
+    torch.testing.assert_close(tiled, whole, atol=1e-6, rtol=0)
+    assert not torch.allclose(whole, probability_map(model, img, 96, stride, "dense"), atol=1e-3)  # TTA did act
+
+
+def test_tta_map_of_a_rotated_micrograph_is_the_rotated_map():
+    torch.manual_seed(0)
+    model = FixMatchPUModel("resnet18", context=32).eval()
+    img = torch.randn(16 * 9 + 1, 16 * 12 + 1)
+    tta = probability_map(model, img, 128, 16, "dense", tta=True)
+    turned = probability_map(model, torch.rot90(img, 1, (0, 1)), 128, 16, "dense", tta=True)
+    torch.testing.assert_close(turned, torch.rot90(tta, 1, (0, 1)), atol=1e-5, rtol=0)

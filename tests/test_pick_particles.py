@@ -11,6 +11,7 @@ from PIL import Image
 
 import evaluate_picks
 import pick_particles
+import rethreshold_picks
 import preprocess_cryoem
 import train_pu_selective_fixmatch
 from datasets.cryoem_preprocess import prepare_micrograph
@@ -174,3 +175,27 @@ def test_reference_coordinates_read_back(pipeline):
     a, _ = read_coordinates(pipeline["raw"]["star"])
     b, _ = read_coordinates(pipeline["raw"]["csv"])
     np.testing.assert_allclose(a[["x", "y"]].to_numpy(), b[["x", "y"]].to_numpy())
+
+
+def test_particle_diameter_in_angstrom_and_the_pixel_size_in_the_star_files(pipeline, tmp_path):
+    # 80 A at 2 A/px = 40 px across: NMS distance 20 px (the radius), BOX side 40 px
+    out = tmp_path / "angstrom"
+    summary = pick_particles.main(["--checkpoint", str(pipeline["ckpt"]), "--micrographs", str(pipeline["test_mic"]),
+                                   "--output-dir", str(out), "--threshold", "0", "--stride", "16", "--device", "cpu",
+                                   "--pixel-size", "2", "--particle-diameter-A", "80"])
+    assert summary["settings"]["min_distance"] == 20.0 and summary["box_size"] == 40 and summary["pixel_size"] == 2.0
+    blocks = starfile.read(out / "picks.star", always_dict=True)
+    assert list(blocks) == ["optics", "particles"]
+    assert float(blocks["optics"]["rlnMicrographPixelSize"].iloc[0]) == 2.0
+    assert len(blocks["particles"]) == summary["n_picks"] > 0
+    xy = blocks["particles"][["rlnCoordinateX", "rlnCoordinateY"]].to_numpy()
+    d = np.hypot(*(xy[:, None] - xy[None]).transpose(2, 0, 1)) + np.eye(len(xy)) * 1e9
+    assert d.min() >= 20.0
+    index = starfile.read(out / "autopick.star")
+    assert (index["rlnMicrographPixelSize"] == 2.0).all()
+    box = np.loadtxt(out / "box" / "mic_03.box", ndmin=2)
+    assert (box[:, 2:] == 40).all()
+    assert read_coordinates(out / "picks.star")[0]["x"].tolist() == pytest.approx(xy[:, 0].tolist())
+    # rethreshold_picks.py keeps the pixel size
+    rethreshold_picks.main(["--picks", str(out), "--threshold", "0.5"])
+    assert (starfile.read(out / "autopick.star")["rlnMicrographPixelSize"] == 2.0).all()

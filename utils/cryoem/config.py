@@ -109,6 +109,7 @@ CLI_OVERRIDES = MappingProxyType({
     "compile": ("training", "compile", "--compile/--no-compile"),
     "num_workers": ("data", "num_workers", "--num-workers"),
     "device": ("training", "device", "--device"),
+    "prior": ("loss", "prior", "--prior"),
 })
 
 
@@ -425,7 +426,7 @@ def apply_cli_overrides(cfg, args):
     """Return a new config where the command-line values that were given replace ``cfg``'s.
 
     ``args`` is an argparse Namespace; its attributes ``data_dir``, ``batch_size``, ``epochs``,
-    ``seed``, ``num_workers`` and ``device`` (see :data:`CLI_OVERRIDES`) override
+    ``seed``, ``num_workers``, ``device`` and ``prior`` (see :data:`CLI_OVERRIDES`) override
     ``data.data_dir``, ``training.batch_size``, ... when not None; missing attributes count as
     not given. A bad value is a :class:`UserError` naming the flag. ``cfg`` is not modified.
     """

@@ -113,16 +113,32 @@ def _heldout_note(data):
         + ("s" if len(names) > 1 else "")
 
 
+# The class prior the seed's design documents as the default of loss.prior (README, "Configuration").
+DOCUMENTED_PRIOR = 0.3
+
+
 def _resolve_prior(cfg, data):
-    """``loss.prior``, or the data's ``metadata.prior`` when the config says ``auto``."""
+    """``(prior, note)``: ``loss.prior``, or for ``auto`` the data's ``metadata.prior``; note is None,
+    or a warning for the log when the data hold no prior and the documented default 0.3 is used.
+
+    Data in the seed's layout need not carry a prior; a ``metadata.prior`` that is present but not a
+    number in (0, 1) is an error (a broken file, not a missing estimate).
+    """
     prior = cfg["loss"]["prior"]
     if prior != "auto":
-        return float(prior)
+        return float(prior), None
+    source = data.files[0] if data.files else "data.data_dir"
     meta = data.metadata.get("prior") if isinstance(data.metadata, dict) else None
+    if meta is None:
+        return DOCUMENTED_PRIOR, (
+            f"WARNING: loss.prior is 'auto' but the data in {source} hold no metadata.prior (no estimate from "
+            f"preprocess_cryoem.py): using {DOCUMENTED_PRIOR:g}, the documented default, NOT an estimate of this "
+            f"data's prior; the nnPU risk and the picking threshold depend on it: set loss.prior in the YAML config "
+            f"or pass --prior P (e.g. --prior 0.1)")
     if not isinstance(meta, (int, float)) or isinstance(meta, bool) or not 0.0 < meta < 1.0:
-        raise UserError(f"loss.prior is 'auto' but the data in {data.files[0] if data.files else 'data.data_dir'} "
-                        f"has no metadata.prior in (0, 1) (got {meta!r}); set loss.prior to a number")
-    return float(meta)
+        raise UserError(f"loss.prior is 'auto' but the data in {source} "
+                        f"has metadata.prior {meta!r}, expected a number in (0, 1); set loss.prior to a number")
+    return float(meta), None
 
 
 def _prior_mismatch(prior, data):
@@ -233,10 +249,10 @@ def _run(cfg, args, state, run_dir, lock, device, info):
                         test_fraction=data_cfg["test_fraction"], seed=seed,
                         max_open_chunks=data_cfg["max_open_chunks"],
                         split=state["split"] if state is not None else None, logger=setup_log)
-    prior = _resolve_prior(cfg, data)
-    mismatch = _prior_mismatch(prior, data)
-    if mismatch:
-        setup_log.warning(mismatch)
+    prior, fallback = _resolve_prior(cfg, data)
+    for warning in (fallback, _prior_mismatch(prior, data)):
+        if warning:
+            setup_log.warning(warning)
     # training.batch_size is the global batch: each of the W processes takes batch_size / W
     # patches per step, so W processes take the same steps as one (up to per-process BatchNorm)
     batch_size = cfg["training"]["batch_size"]
@@ -396,7 +412,10 @@ def _train(cfg, state, device, data, prior, sampler, student, run_dir, logger, w
                 f"val {counts['n_val']} ({counts['n_val_positive']} positive), "
                 f"test {counts['n_test']} ({counts['n_test_positive']} positive)"
                 + _heldout_note(data))
-    logger.info(f"prior {prior:g}" + (" (from the data's metadata)" if cfg["loss"]["prior"] == "auto" else "")
+    meta = data.metadata if isinstance(data.metadata, dict) else {}
+    how = "" if cfg["loss"]["prior"] != "auto" else (" (from the data's metadata)" if meta.get("prior") is not None
+                                                      else " (the documented default: the data hold no prior)")
+    logger.info(f"prior {prior:g}" + how
                 + f" | {len(sampler)} batches of {sampler.batch_size}"
                 + (f" per process ({info.world_size} processes)" if info.enabled else "") + " per epoch, ratio "
                 f"{data_cfg['batch_ratio'][0]}:{data_cfg['batch_ratio'][1]}"

@@ -188,11 +188,13 @@ def previous_files(out_dir):
     return [f for f in files if isinstance(f, str)]
 
 
-def write_picks(staging, out_dir, candidates, threshold, entries, box_size):
+def write_picks(staging, out_dir, candidates, threshold, entries, box_size, pixel_size=None):
     """Stage the coordinate files of the picks (``candidates`` with ``score >= threshold``).
 
-    ``candidates``: micrograph (path as given), x, y, score, in the output frame. Returns the
-    picks and ``{key: number of picks}``.
+    ``candidates``: micrograph (path as given), x, y, score, in the output frame. ``pixel_size``
+    (Angstrom per pixel, when known) goes into the index as ``_rlnMicrographPixelSize`` and into
+    ``picks.star`` as an optics block (:func:`datasets.micrographs.write_star`). Returns the picks
+    and ``{key: number of picks}``.
     """
     picks = candidates[candidates["score"] >= threshold].reset_index(drop=True)
     by_name = dict(tuple(picks.groupby("micrograph", sort=False)))
@@ -207,10 +209,12 @@ def write_picks(staging, out_dir, candidates, threshold, entries, box_size):
         atomic_write(staging.path(e.star), lambda f, t=text: f.write(t), mode="w")
         write_box(staging.path(e.box), mine, box_size)
         index.append((e.path, str(PurePosixPath(Path(out_dir).as_posix(), e.star))))
-    text = starfile.to_string({"coordinate_files": pd.DataFrame(index, columns=["rlnMicrographName",
-                                                                                "rlnMicrographCoordinates"])})
+    index = pd.DataFrame(index, columns=["rlnMicrographName", "rlnMicrographCoordinates"])
+    if pixel_size is not None:
+        index["rlnMicrographPixelSize"] = float(pixel_size)
+    text = starfile.to_string({"coordinate_files": index}, float_format="%.6f")
     atomic_write(staging.path(INDEX_NAME), lambda f: f.write(text), mode="w")
-    write_star(staging.path("picks.star"), picks)
+    write_star(staging.path("picks.star"), picks, pixel_size=pixel_size)
     write_csv(staging.path("picks.csv"), picks)
     return picks, counts
 

@@ -50,6 +50,8 @@ class PickSettings:
     refine: bool = True
     max_tile: int | None = DEFAULT_TILE
     floor: float = DEFAULT_FLOOR
+    tta: bool = False
+    dilate: bool = True  # models.dense.dilated_trunk below the trunk's stride (False: shift-and-stitch)
 
     @property
     def candidate_floor(self):
@@ -122,7 +124,8 @@ def resolve_threshold(ckpt, path, threshold):
 
 
 def resolve_settings(ckpt, path, threshold, min_distance=None, downsample=None, normalization=None, stride=32,
-                     mode="dense", batch_size=256, refine=True, max_tile=DEFAULT_TILE, floor=DEFAULT_FLOOR):
+                     mode="dense", batch_size=256, refine=True, max_tile=DEFAULT_TILE, floor=DEFAULT_FLOOR,
+                     tta=False):
     """Fill what the flags leave open from the checkpoint's ``data_metadata``; UserError naming the flag.
 
     ``threshold`` is a number, or None when it is fixed later from the candidates (see
@@ -166,7 +169,8 @@ def resolve_settings(ckpt, path, threshold, min_distance=None, downsample=None, 
                         f"no tiling)")
     return PickSettings(threshold=None if threshold is None else float(threshold), min_distance=float(min_distance), downsample=float(downsample),
                         normalization=normalization, patch_size=patch_size, stride=int(stride), mode=mode,
-                        batch_size=int(batch_size), refine=bool(refine), max_tile=max_tile, floor=float(floor))
+                        batch_size=int(batch_size), refine=bool(refine), max_tile=max_tile, floor=float(floor),
+                        tta=bool(tta))
 
 
 def window_size(ckpt):
@@ -211,7 +215,8 @@ def pick_micrograph(model, array, settings, device, name=""):
     _sync(device)
     t1 = time.perf_counter()
     prob = probability_map(model, image, settings.patch_size, settings.stride, settings.mode, settings.batch_size,
-                           max_tile=settings.max_tile if settings.mode == "dense" else None)
+                           max_tile=settings.max_tile if settings.mode == "dense" else None, tta=settings.tta,
+                           dilate=settings.dilate)
     _sync(device)
     t2 = time.perf_counter()
     # peaks in map cells (one cell = stride downsampled px), then to the original frame
