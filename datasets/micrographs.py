@@ -268,7 +268,7 @@ def micrograph_pixel_size(path):
     if path.suffix.lower() not in (".mrc", ".mrcs"):
         return None
     try:
-        with mrcfile.open(path, mode="r", permissive=True, header_only=True) as mrc:
+        with _library_warnings(), mrcfile.open(path, mode="r", permissive=True, header_only=True) as mrc:
             size = float(mrc.voxel_size.x)
     except Exception as exc:
         raise UserError(f"{path}: cannot be read as MRC ({_one_line(exc)})") from None
