@@ -608,19 +608,31 @@ def test_truncated_image_fails_while_caching_and_keeps_the_run(tiny_ana, ana_arg
     assert not [p.name for p in (tmp_path / "cache").iterdir() if "tmp" in p.name]  # no half-written cache
 
 
-def test_all_weights_dropped_to_zero_is_a_user_error(ana_args, tmp_path, capsys):
-    # Each tile is drawn once in epoch 1 (shuffled, no sampler); Adam's first step moves a weight by
-    # about weight_lr whatever the size of its gradient (BCE > 0), so every weight goes from 1 to
-    # about -999 and the sampler weights of epoch 2 are all zero.
+def test_all_weights_dropped_to_zero_is_a_user_error_with_sampling(ana_args, tmp_path, capsys):
+    # Adam's first step moves a weight by about weight_lr whatever the size of its gradient, and
+    # weight decay gives every row a gradient, so every weight goes from 1 to about -999 at the
+    # first step and the sampler of epoch 2 has nothing to draw.
     run_dir = tmp_path / "run"
-    lines = _expect_user_error(capsys, ana_args("--weight_lr", "1000", "--granularity", "sample", "--epoch", "2"))
-    _assert_mid_run_error(lines, "every instance weight has dropped to zero", "--weight_lr")
+    lines = _expect_user_error(capsys, ana_args("--weight_lr", "1000", "--weightDecay", "0.01", "--granularity",
+                                                "sample", "--sampling", "--epoch", "2"))
+    _assert_mid_run_error(lines, "every instance weight has dropped to zero", "--sampling", "--weight_lr")
     log = (run_dir / "output.txt").read_text()
     assert lines[-1] in log
     state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
     assert state["epoch"] == 1
     assert (state["weights"]["alpha"] <= 0).all()
     assert [r["epoch"] for r in json.loads((run_dir / "results.json").read_text())] == [1]
+
+
+def test_all_weights_zero_without_sampling_warns_once_and_trains_on(ana_args, tmp_path):
+    # as the reference, which needed the weights only to draw tiles: the loss keeps its negative labels
+    run_dir = tmp_path / "run"
+    main.main(ana_args("--weight_lr", "1000", "--weightDecay", "0.01", "--granularity", "sample", "--epoch", "3",
+                       "--patience", "0"))
+    log = (run_dir / "output.txt").read_text()
+    assert log.count("every instance weight is zero") == 1
+    state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+    assert state["epoch"] == 3 and (state["weights"]["alpha"] <= 0).all()
 
 
 def test_missing_pretrained_weights_fails_and_the_corrected_command_runs(ana_args, tmp_path, capsys):
