@@ -221,7 +221,8 @@ def test_parser_defaults_come_from_config_single():
     assert args.resampleEvery == config_single.RESAMPLE_EVERY == 2
     assert args.initWeight == "iw-ones" and args.granularity == "label"
     assert args.sampling is True and args.weight_lr is None and args.weightGroups == "one"
-    assert args.valLevel == "image" and args.resetOptimizer is False
+    assert args.valLevel == "image" and args.resetOptimizer is True and args.weightOptimizer == "adam"
+    assert main_single.build_parser().parse_args(["--weightOptimizer", "sgd"]).weightOptimizer == "sgd"
     main_args = main.build_parser().parse_args([])
     assert (main_args.sampling, main_args.weightGroups, main_args.valLevel) == (False, "count", "tile")
     assert main_args.weight_lr == config.WEIGHT_LR
