@@ -385,6 +385,10 @@ def test_full_run_tensorboard_events(full_run):
         assert test[record["epoch"]] == pytest.approx(record["test_results"]["f1_mi"], abs=1e-6)
     assert all(0.0 < e.value <= 1.0 for e in events.Scalars("sampler/entropy"))
     assert all(0.0 <= e.value <= 1.0 for e in events.Scalars("weights/dropped_fraction"))
+    # the weights of the positive (tile, label) pairs, one histogram per epoch
+    histograms = EventAccumulator(str(run_dir), size_guidance={"histograms": 0})  # 0: keep every epoch's
+    histograms.Reload()
+    assert [e.step for e in histograms.Histograms("weights/alpha")] == [1, 2]
 
 
 def test_full_run_args_json(full_run):
