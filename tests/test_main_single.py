@@ -199,7 +199,7 @@ def test_single_run_outputs_and_log(single_run):
     assert (args["trainingLabel"], args["resampleEvery"], args["sampling"]) == ("pseudo", 2, True)
     assert (args["weightGroups"], args["valLevel"], args["weight_lr"]) == ("one", "image", None)
     assert (args["weight_lr_used"], args["SINGLE_LABEL"], args["config_module"]) == (args["lr"], True, "config_single")
-    assert "weights: one group, learning rate 0.001 (--lr)" in log
+    assert "weights: Adam, one group, learning rate 0.001 (--lr)" in log
 
 
 def test_single_run_tensorboard_has_the_confusion_image(single_run):
