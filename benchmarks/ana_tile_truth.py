@@ -26,8 +26,9 @@ Measures, mean +- sd over the seeds:
 - **image level**: the run's reported test F1-micro, F1-macro, subset accuracy and mAP
   (the test evaluation of its last epoch that improved a val metric).
 
-``--sweep`` also trains the sgd full model at other weight learning rates (``--valLevel tile``)
-and prints the same numbers per learning rate: how ``SGD_WEIGHT_LR`` of config.py was chosen.
+``--sweep`` also trains the sgd full model at other weight learning rates (``--valLevel tile``,
+the first ``--sweep-seeds`` seeds) and prints the same numbers per learning rate: how
+``SGD_WEIGHT_LR`` of config.py was chosen. Each run's time goes to stderr.
 Prints Markdown tables at the end; ``--out`` writes every number as JSON.
 """
 import argparse
@@ -55,7 +56,7 @@ from utils.errors import UserError, exit_on_user_error
 SIZES = {
     "smoke": dict(n_train=8, n_val=4, n_test=4, classes=4, tile=32, image=32, epochs=1, batch=8),
     "cpu": dict(n_train=96, n_val=24, n_test=40, classes=6, tile=64, image=32, epochs=10, batch=16),
-    "gpu": dict(n_train=240, n_val=60, n_test=100, classes=6, tile=96, image=64, epochs=12, batch=32),
+    "gpu": dict(n_train=240, n_val=60, n_test=100, classes=6, tile=96, image=64, epochs=10, batch=32),
 }
 LR = 1e-3  # network lr of the README's full-model command (which also gives --weight_lr 1e-3)
 FULL = ("--initWeight", "iw-sample", "--updateLR", "ulr-adaptive", "--granularity", "label", "--sampling",
@@ -80,6 +81,8 @@ def build_parser():
     p.add_argument("--smoke", action="store_true", help="--size smoke, 1 seed, 2 sweep lrs: seconds on a CPU")
     p.add_argument("--seeds", type=int, default=None, help="seeds per setting (default: 3; smoke: 1)")
     p.add_argument("--sweep", action="store_true", help="also the sgd weight-lr sweep")
+    p.add_argument("--sweep-seeds", type=int, default=2,
+                   help="seeds per learning rate of --sweep, the first of --seeds' (default: %(default)s)")
     p.add_argument("--sweep-lrs", type=float, nargs="+", default=None,
                    help=f"weight lrs of --sweep (default: {' '.join(map(str, SWEEP_LRS))})")
     p.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=list(METHODS),
@@ -129,7 +132,9 @@ def train_one(data, work, size, device, method_flags, level, seed, name):
             "--trainBatchSize", str(size["batch"]), "--testBatchSize", "256", "--epoch", str(size["epochs"]),
             "--lr", str(LR), "--seed", str(seed), "--valLevel", level, "--device", device,
             "--cacheDir", str(work / "cache"), "--pathModelParams", str(run_dir), *method_flags]
+    start = time.perf_counter()
     result = ana_main.main(argv)
+    print(f"ana_tile_truth: {name} trained in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     truth = tile_truth(data / "annotations.csv")
     out = weight_aucs(run_dir / "instance_weights_last.csv", truth)
     out["tile_auc"] = tile_auc(run_dir / "test_tile_predictions.csv", truth, size["classes"])
@@ -180,7 +185,8 @@ def run_benchmark(args, work):
         generate_ana_demo(data, n_train=size["n_train"], n_val=size["n_val"], n_test=size["n_test"], tiles_x=2,
                           tiles_y=2, tile_size=size["tile"], num_classes=size["classes"], max_labels=3, seed=1234)
     start = time.perf_counter()
-    results = {"size": {**size, "seeds": len(seeds), "device": args.device}, "methods": {}, "sweep": {}}
+    results = {"size": {**size, "seeds": len(seeds), "sweep_seeds": min(args.sweep_seeds, len(seeds)),
+                        "device": args.device}, "methods": {}, "sweep": {}}
     for method in args.methods:
         for level in args.levels:
             runs = [train_one(data, work, size, args.device, METHODS[method], level, seed, f"{method}_{level}_s{seed}")
@@ -189,7 +195,7 @@ def run_benchmark(args, work):
     if args.sweep:
         for lr in sweep_lrs:
             runs = []
-            for seed in seeds:
+            for seed in seeds[:args.sweep_seeds]:
                 reuse = results["methods"].get("sgd / valLevel tile")
                 if reuse and math.isclose(lr, config.SGD_WEIGHT_LR):  # the default: already trained
                     runs.append(reuse["runs"][seed])
@@ -209,7 +215,8 @@ def report(results):
              f"{s['seeds']} seed(s), device {s['device']}; {results['seconds']:.0f} s", "",
              markdown([(k, v["summary"]) for k, v in results["methods"].items()], "method / model selection")]
     if results["sweep"]:
-        lines += ["", f"sgd weight-lr sweep (full model, valLevel tile; default {config.SGD_WEIGHT_LR:g}):", "",
+        lines += ["", f"sgd weight-lr sweep (full model, valLevel tile, {s['sweep_seeds']} seed(s); "
+                      f"default {config.SGD_WEIGHT_LR:g}):", "",
                   markdown([(f"sgd --weight_lr {k}", v["summary"]) for k, v in results["sweep"].items()],
                            "setting")]
     return "\n".join(lines)
@@ -226,8 +233,8 @@ def main(argv=None):
         args.size = "gpu" if args.device.startswith("cuda") else "cpu"
     if args.seeds is None:
         args.seeds = 1 if args.smoke else 3
-    if args.seeds < 1:
-        parser.error(f"--seeds {args.seeds}: expected at least 1")
+    if args.seeds < 1 or args.sweep_seeds < 1:
+        parser.error(f"--seeds {args.seeds} / --sweep-seeds {args.sweep_seeds}: expected at least 1")
     if args.sweep_lrs and any(not (math.isfinite(lr) and lr >= 0) for lr in args.sweep_lrs):
         parser.error(f"--sweep-lrs {args.sweep_lrs}: expected finite numbers >= 0")
     if args.out and Path(args.out).is_dir():
