@@ -58,7 +58,7 @@ def add_arguments(parser, cfg):
                    help="network learning rate (default: %(default)s)")
     g.add_argument("--weight_lr", type=ARG_TYPES["weight_lr"], default=cfg.WEIGHT_LR, action=_StoreWeightLR,
                    help="learning rate of the instance weights (default: %(default)s with --weightOptimizer adam, "
-                        f"None = the network's --lr; {cfg.SGD_WEIGHT_LR:g} with --weightOptimizer sgd)")
+                        f"where None means the network's --lr; {cfg.SGD_WEIGHT_LR:g} with --weightOptimizer sgd)")
     g.add_argument("--epoch", type=ARG_TYPES["epoch"], default=cfg.EPOCHS,
                    help="maximum number of epochs (default: %(default)s)")
     g.add_argument("--trainBatchSize", type=ARG_TYPES["trainBatchSize"], default=cfg.TRAIN_BATCH_SIZE,
