@@ -18,8 +18,8 @@ from datasets.ana import (CachedTileDataset, build_tile_cache, build_tileset, ch
 from datasets.samplers import InstanceSampler, sampling_entropy
 from models.backbones import RESNETS, build_resnet_classifier
 from models.pseudo_labels import TRAINING_LABELS
-from models.sample_weights import (GRANULARITIES, GROUPINGS, INIT_METHODS, LR_METHODS, WEIGHT_OPTIMIZERS, InstanceWeights,
-                                  init_weights, weight_stats)
+from models.sample_weights import (GRANULARITIES, GROUPINGS, INIT_METHODS, LR_METHODS, WEIGHT_OPTIMIZERS,
+                                  InstanceWeights, init_weights, weight_stats)
 from utils.ana.epoch import BatchPreprocessor, EpochSetup, bag_max, predict, train_epoch
 from utils.ana.instances import write_instance_weights, write_tile_montages, write_tile_predictions
 from utils.checkpoint import load_checkpoint, save_checkpoint
@@ -167,8 +167,8 @@ def weight_lr(args):
 def default_run_name(args, cfg):
     """Run directory built from the hyperparameters, so different settings never collide."""
     sampling = "sampling" if args.sampling else "nosampling"
-    wopt = "_sgd" if getattr(args, "weightOptimizer", "adam") == "sgd" else ""
-    name = (f"{cfg.RUN_PREFIX}_{args.arch}_N{args.imageSize}_T{args.tileSize}_lr{args.lr:g}_wlr{weight_lr(args):g}{wopt}_"
+    wlr = f"{weight_lr(args):g}" + ("_sgd" if getattr(args, "weightOptimizer", "adam") == "sgd" else "")
+    name = (f"{cfg.RUN_PREFIX}_{args.arch}_N{args.imageSize}_T{args.tileSize}_lr{args.lr:g}_wlr{wlr}_"
             f"{args.initWeight}_{args.updateLR}_{args.granularity}_{args.weightGroups}_{args.trainingLabel}_"
             f"{sampling}_val{args.valLevel}_bs{args.trainBatchSize}_seed{args.seed}")
     return Path(cfg.PATH_MODEL_ROOT) / name
