@@ -24,9 +24,10 @@ STD = (0.008, 0.102, 0.008)
 ARCH = "resnet50"
 LR = 5e-3
 WEIGHT_LR = 5e-3
+SGD_WEIGHT_LR = 0.03     # --weight_lr when --weightOptimizer sgd is given without one (benchmarks/README.md)
 EPOCHS = 200
 TRAIN_BATCH_SIZE = 32
-TEST_BATCH_SIZE = 64
+TEST_BATCH_SIZE = 32     # the reference used BATCH_SIZE for both
 WEIGHT_DECAY = 0.0
 PATIENCE = 4            # stop after this many epochs without any metric improving (0 = never)
 

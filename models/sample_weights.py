@@ -18,6 +18,11 @@ and one parameter group of Adam, at learning rate ``lambda_g * weight_lr`` (see
 
 ``lambda_g`` depends only on the number of labels of the group, so both groupings give every
 tile the same learning rate; they differ in which weights take an Adam step together.
+
+``--weightOptimizer sgd`` replaces that Adam with a plain gradient step on the batch's rows,
+``alpha -= lambda_g * weight_lr * dL/dalpha``: a pair's weight then shrinks in proportion to
+its loss (the paper's self-paced principle), where Adam's step is about ``lambda_g * weight_lr``
+whatever the loss (it divides by the running RMS of the gradient).
 """
 import math
 
@@ -29,6 +34,9 @@ INIT_METHODS = ("iw-ones", "iw-data", "iw-sample")
 LR_METHODS = ("ulr-ones", "ulr-adaptive")
 GRANULARITIES = ("label", "sample")
 GROUPINGS = ("count", "combination", "one")
+WEIGHT_OPTIMIZERS = ("adam", "sgd")
+ALL_ZERO_ERROR = ("every instance weight has dropped to zero: the weighted sampler (--sampling) has no tile left "
+                  "to draw; lower --weight_lr")
 
 
 def label_groups(targets, grouping="combination"):
@@ -109,17 +117,16 @@ def lr_coefficients(targets, method):
     return group_lr_coefficients(label_count, method)[group.cpu()]
 
 
-def sampler_weights(alpha, targets):
+def sampler_weights(alpha, targets, strict=True):
     """Sampling score per tile: ``max_k ReLU(alpha_ik) * t_ik`` (label) or ``ReLU(alpha_i)``.
 
-    NaN weights count as 0. Raises :class:`UserError` when every score is zero, since no
-    instance could then be drawn.
+    NaN weights count as 0. With ``strict``, raises :class:`UserError` when every score is
+    zero, since no instance could then be drawn.
     """
     a = torch.relu(alpha.nan_to_num(0.0))
     s = (a * (targets > 0)).amax(dim=1) if a.dim() == 2 else a
-    if not torch.any(s > 0):
-        raise UserError("every instance weight has dropped to zero: no (tile, label) pair is left to learn from "
-                        "(or to sample); lower --weight_lr")
+    if strict and not torch.any(s > 0):
+        raise UserError(ALL_ZERO_ERROR)
     return s
 
 
@@ -154,10 +161,16 @@ class InstanceWeights:
     their current targets, recomputed ``lambda`` and built a new Adam, so the moments and step
     counts restart (:meth:`end_epoch`). Otherwise nothing is ever reset. The network keeps its
     own Adam here (same numbers as sharing one: Adam treats parameters independently).
+
+    ``optimizer="sgd"``: :meth:`step` moves only the rows in the batch, by
+    ``lambda_g * lr * (grad + weight_decay * alpha)`` (no moments; the groups only set
+    ``lambda_g``, and ``ulr-adaptive`` still regroups after each epoch).
     """
 
     def __init__(self, alpha, targets, lr, *, update_lr="ulr-ones", grouping="count", betas=(0.9, 0.999),
-                 eps=1e-8, weight_decay=0.0):
+                 eps=1e-8, weight_decay=0.0, optimizer="adam"):
+        if optimizer not in WEIGHT_OPTIMIZERS:
+            raise ValueError(f"unknown weight optimizer {optimizer!r} (expected one of {WEIGHT_OPTIMIZERS})")
         if update_lr not in LR_METHODS:
             raise ValueError(f"unknown lr update {update_lr!r} (expected one of {LR_METHODS})")
         if grouping not in GROUPINGS:
@@ -169,6 +182,7 @@ class InstanceWeights:
         self.betas = betas
         self.eps = eps
         self.weight_decay = weight_decay
+        self.optimizer = optimizer
         self.regroup(targets)
 
     @property
@@ -205,6 +219,37 @@ class InstanceWeights:
 
     @torch.no_grad()
     def step(self, idx, grad, valid=None):
+        """One step of the weights' optimiser (:meth:`adam_step` or :meth:`sgd_step`)."""
+        if self.optimizer == "sgd":
+            self.sgd_step(idx, grad, valid)
+        else:
+            self.adam_step(idx, grad, valid)
+
+    @torch.no_grad()
+    def sgd_step(self, idx, grad, valid=None):
+        """``alpha[i] -= lambda_g * lr * (sum of grad rows of i + weight_decay * alpha[i])`` for the
+        rows ``i`` in ``idx``; every other row is unchanged. Rows drawn twice have their gradients
+        summed; ``valid`` as in :meth:`adam_step`. Masks over all rows: no host synchronisation."""
+        g = torch.zeros_like(self.alpha)
+        g.index_add_(0, idx, grad.to(g.dtype))
+        rows = torch.zeros(len(self.alpha), dtype=torch.bool, device=self.device)
+        rows[idx] = True
+        if valid is not None:
+            rows &= valid
+        if self.weight_decay:
+            g = g.add(self.alpha, alpha=self.weight_decay)
+        lr = self.group_lr.float()[self.group]
+        if self.alpha.dim() == 2:
+            rows, lr = rows[:, None], lr[:, None]
+        self.alpha = torch.where(rows, self.alpha - lr * g, self.alpha)
+        active = torch.zeros_like(self.steps, dtype=torch.bool)
+        active[self.group[idx]] = True
+        if valid is not None:
+            active &= valid
+        self.steps = self.steps + active  # steps per group with a row in the batch (bookkeeping only)
+
+    @torch.no_grad()
+    def adam_step(self, idx, grad, valid=None):
         """One Adam step of every group with a tile among ``idx``, ``grad`` the batch rows' gradients.
 
         Rows drawn more than once (sampling with replacement) have their gradients summed, as
@@ -241,7 +286,7 @@ class InstanceWeights:
     def state_dict(self):
         return {"alpha": self.alpha.cpu(), "exp_avg": self.exp_avg.cpu(), "exp_avg_sq": self.exp_avg_sq.cpu(),
                 "group": self.group.cpu(), "group_lr": self.group_lr.cpu(), "steps": self.steps.cpu(),
-                "grouping": self.grouping, "update_lr": self.update_lr}
+                "grouping": self.grouping, "update_lr": self.update_lr, "optimizer": self.optimizer}
 
     def load_state_dict(self, state):
         if "group" not in state:
@@ -250,8 +295,9 @@ class InstanceWeights:
         if state["alpha"].shape != self.alpha.shape:
             raise UserError(f"the checkpoint's sample weights have shape {tuple(state['alpha'].shape)} but this data "
                             f"gives {tuple(self.alpha.shape)}; resume with the same data and --granularity")
-        if (state["grouping"], state["update_lr"]) != (self.grouping, self.update_lr):
-            raise UserError(f"the checkpoint's sample weights were trained with --weightGroups {state['grouping']} "
-                            f"--updateLR {state['update_lr']}; resume with the same flags")
+        saved = (state["grouping"], state["update_lr"], state.get("optimizer", "adam"))
+        if saved != (self.grouping, self.update_lr, self.optimizer):
+            raise UserError(f"the checkpoint's sample weights were trained with --weightGroups {saved[0]} "
+                            f"--updateLR {saved[1]} --weightOptimizer {saved[2]}; resume with the same flags")
         for name in ("alpha", "exp_avg", "exp_avg_sq", "group", "group_lr", "steps"):
             setattr(self, name, state[name].to(self.device))

@@ -115,6 +115,11 @@ def test_config_defaults_are_range_checked_before_anything_is_written(ana_args, 
     line = expect_error_line(capsys, main, ana_args("--epoch", "1"), only=True)
     assert line.startswith("error: --weight_lr (default from config.py): expected a finite number >= 0, got inf")
     assert not (tmp_path / "run").exists()
+    monkeypatch.setattr(config, "WEIGHT_LR", 5e-3)
+    monkeypatch.setattr(config, "SGD_WEIGHT_LR", -0.1)
+    line = expect_error_line(capsys, main, ana_args("--epoch", "1", "--weightOptimizer", "sgd"), only=True)
+    assert line.startswith("error: SGD_WEIGHT_LR of config.py: expected a finite number >= 0, got -0.1")
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------ output locations

@@ -249,6 +249,69 @@ def test_full_run_test_predictions_are_the_max_over_tiles(full_run):
     assert latest["test_results"]["per_class_acc"] == pytest.approx(recomputed["per_class_acc"])
 
 
+def test_full_run_test_tile_predictions(full_run):
+    # per test tile: its image, index (row-major), box corner and the latest best model's probabilities
+    run_dir, data, args = full_run["run_dir"], full_run["data"], full_run["args"]
+    ann = _read_csv(data / "annotations.csv")
+    test_rows = ann[ann["Split"] == "test"].reset_index(drop=True)
+    tiles = pd.read_csv(run_dir / "test_tile_predictions.csv")
+    prob_cols = [f"prob_{k}" for k in range(NUM_CLASSES)]
+    assert list(tiles.columns) == ["path", "tile", "left", "top"] + prob_cols
+    latest = full_run["records"][-1]
+    model = _resnet(torch.load(sorted(run_dir.glob(f"{latest['epoch']}_*.pt"))[0], map_location="cpu",
+                               weights_only=True), args["arch"])
+    size = args["tileSize"]
+    for path in test_rows["path"]:
+        rows = tiles[tiles["path"] == path]
+        with Image.open(data / "images" / path) as im:
+            nx, ny = im.width // size, im.height // size
+        assert list(rows["tile"]) == list(range(nx * ny))
+        assert list(rows["left"]) == [(t % nx) * size for t in range(nx * ny)]
+        assert list(rows["top"]) == [(t // nx) * size for t in range(nx * ny)]
+        expected = _predict(model, _image_tiles(data / "images" / path, size, args["imageSize"])).numpy()
+        np.testing.assert_allclose(rows[prob_cols].to_numpy(), expected, atol=1e-5)
+    # the image-level predictions are their max over the tiles
+    bag = tiles.groupby("path", sort=False)[prob_cols].max()
+    pred = pd.read_csv(run_dir / "test_predictions.csv").set_index("path")
+    np.testing.assert_allclose(bag.loc[pred.index].to_numpy(), pred[prob_cols].to_numpy(), atol=1e-6)
+
+
+def test_full_run_instance_weights(full_run):
+    # one row per positive (training tile, class) pair: the weight in use, the image's labels, the last target
+    run_dir, data, args = full_run["run_dir"], full_run["data"], full_run["args"]
+    state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+    tiles, _, _ = load_splits(argparse.Namespace(**args), config)
+    train = tiles["train"]
+    frame = pd.read_csv(run_dir / "instance_weights_last.csv", dtype={"bag_labels": str})
+    assert list(frame.columns) == ["path", "tile", "left", "top", "class", "weight", "bag_labels", "target"]
+    frame = frame.rename(columns={"class": "cls"})
+    labels = train.tile_labels > 0
+    assert len(frame) == int(labels.sum())
+    ann = _read_csv(data / "annotations.csv").set_index("path")
+    size = args["tileSize"]
+    index = {}
+    for t, (path, box) in enumerate(zip(train.image_paths, train.boxes)):
+        with Image.open(path) as im:
+            nx = im.width // size
+        index[(Path(path).name, int(box[1]) // size * nx + int(box[0]) // size)] = t
+    for row in frame.itertuples():
+        t = index[(row.path, row.tile)]  # (image, tile index) names one training tile ...
+        assert (row.left, row.top) == tuple(int(v) for v in train.boxes[t][:2])  # ... at this position
+        assert labels[t, row.cls] and row.bag_labels == ann.loc[row.path, "TARGET"]
+        assert row.weight == pytest.approx(max(float(state["weights"]["alpha"][t, row.cls]), 0.0), abs=1e-6)
+        assert row.target == float(state["targets"][t, row.cls])
+    assert frame["weight"].nunique() > 1  # the full model's weights moved apart
+    # the same at the latest improvement, and one PNG per class of the multi-label images
+    best = pd.read_csv(run_dir / "instance_weights.csv", dtype={"bag_labels": str})
+    assert best[["path", "tile", "class"]].equals(frame[["path", "tile", "cls"]].rename(columns={"cls": "class"}))
+    multi_classes = set(frame.loc[frame["bag_labels"].str.split().map(len) > 1, "cls"])
+    for suffix in ("", "_last"):
+        pngs = {p.name for p in (run_dir / "instance_tiles").glob("class*.png") if p.stem.endswith("_last") == bool(suffix)}
+        assert pngs == {f"class{c}{suffix}.png" for c in multi_classes}
+    with Image.open(run_dir / "instance_tiles" / f"class{min(multi_classes)}_last.png") as im:
+        assert im.height > 2 * args["imageSize"]  # two rows of tiles
+
+
 def test_full_run_best_model_files(full_run):
     run_dir, args = full_run["run_dir"], full_run["args"]
     _, best_epoch = _running_best_epochs(full_run["records"])
@@ -267,7 +330,8 @@ def test_full_run_last_checkpoint(full_run):
     model = _resnet(state["model"], args["arch"])
     optimizer = torch.optim.Adam(model.parameters())
     optimizer.load_state_dict(state["optimizer"])
-    assert optimizer.state, "the optimiser state is empty"
+    # ulr-adaptive: the network's Adam restarts after every epoch, as the reference rebuilt it
+    assert not optimizer.state, "the network's Adam state was not reset after the ulr-adaptive epoch"
     assert isinstance(state["early_stopping"], dict) and state["rng"]
 
     # Training tiles: every train image gives (w // tile) * (h // tile) tiles with its labels.
@@ -322,6 +386,10 @@ def test_full_run_tensorboard_events(full_run):
         assert test[record["epoch"]] == pytest.approx(record["test_results"]["f1_mi"], abs=1e-6)
     assert all(0.0 < e.value <= 1.0 for e in events.Scalars("sampler/entropy"))
     assert all(0.0 <= e.value <= 1.0 for e in events.Scalars("weights/dropped_fraction"))
+    # the weights of the positive (tile, label) pairs, one histogram per epoch
+    histograms = EventAccumulator(str(run_dir), size_guidance={"histograms": 0})  # 0: keep every epoch's
+    histograms.Reload()
+    assert [e.step for e in histograms.Histograms("weights/alpha")] == [1, 2]
 
 
 def test_full_run_args_json(full_run):
@@ -403,6 +471,33 @@ def test_resume_keeps_the_weights_optimiser_state(ana_args, tmp_path):
     assert torch.equal(a["steps"], b["steps"]) and a["steps"].min() > 0
     for key in ("alpha", "exp_avg", "exp_avg_sq"):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+def test_resume_with_sgd_weights_continues_exactly(ana_args, tmp_path, capsys):
+    flags = (*FULL_MODEL, "--weightOptimizer", "sgd", "--weight_lr", "0.05")
+    main.main(ana_args(*flags, "--epoch", "3", run="A"))
+    main.main(ana_args(*flags, "--epoch", "1", run="B"))
+    main.main(ana_args(*flags, "--epoch", "3", "--loadModel", run="B"))
+    a = torch.load(tmp_path / "A" / "last.pt", map_location="cpu", weights_only=True)
+    b = torch.load(tmp_path / "B" / "last.pt", map_location="cpu", weights_only=True)
+    assert a["weights"]["optimizer"] == b["weights"]["optimizer"] == "sgd"
+    assert torch.equal(a["targets"], b["targets"]) and torch.equal(a["weights"]["steps"], b["weights"]["steps"])
+    torch.testing.assert_close(a["weights"]["alpha"], b["weights"]["alpha"], rtol=0, atol=1e-6)
+    assert (a["weights"]["alpha"] != 0).any()
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key].float(), b["model"][key].float(), rtol=0, atol=1e-5)
+    # a resume with the other weight optimiser is refused by name
+    lines = _expect_user_error(capsys, ana_args(*FULL_MODEL, "--epoch", "4", "--loadModel", run="B"))
+    _assert_mid_run_error(lines, "--weightOptimizer sgd")
+
+
+def test_sgd_weight_lr_default_only_when_none_is_given(ana_args, tmp_path):
+    main.main(ana_args("--weightOptimizer", "sgd", "--epoch", "1", run="A"))
+    main.main(ana_args("--weightOptimizer", "sgd", "--weight_lr", "0.2", "--epoch", "1", run="B"))
+    main.main(ana_args("--epoch", "1", run="C"))
+    used = [json.loads((tmp_path / r / "args.json").read_text())["weight_lr_used"] for r in "ABC"]
+    assert used == [config.SGD_WEIGHT_LR, 0.2, config.WEIGHT_LR]
+    assert "the --weightOptimizer sgd default" in (tmp_path / "A" / "output.txt").read_text()
 
 
 def test_resume_of_a_finished_run_changes_nothing(ana_args, existing_run, tmp_path):
@@ -604,19 +699,31 @@ def test_truncated_image_fails_while_caching_and_keeps_the_run(tiny_ana, ana_arg
     assert not [p.name for p in (tmp_path / "cache").iterdir() if "tmp" in p.name]  # no half-written cache
 
 
-def test_all_weights_dropped_to_zero_is_a_user_error(ana_args, tmp_path, capsys):
+def test_all_weights_dropped_to_zero_is_a_user_error_with_sampling(ana_args, tmp_path, capsys):
     # Each tile is drawn once in epoch 1 (shuffled, no sampler); Adam's first step moves a weight by
     # about weight_lr whatever the size of its gradient (BCE > 0), so every weight goes from 1 to
-    # about -999 and the sampler weights of epoch 2 are all zero.
+    # about -999. Resumed with --sampling, the sampler of epoch 2 has nothing to draw.
     run_dir = tmp_path / "run"
-    lines = _expect_user_error(capsys, ana_args("--weight_lr", "1000", "--granularity", "sample", "--epoch", "2"))
-    _assert_mid_run_error(lines, "every instance weight has dropped to zero", "--weight_lr")
+    flags = ("--weight_lr", "1000", "--granularity", "sample")
+    main.main(ana_args(*flags, "--epoch", "1"))
+    lines = _expect_user_error(capsys, ana_args(*flags, "--epoch", "2", "--sampling", "--loadModel"))
+    _assert_mid_run_error(lines, "every instance weight has dropped to zero", "--sampling", "--weight_lr")
     log = (run_dir / "output.txt").read_text()
     assert lines[-1] in log
     state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
     assert state["epoch"] == 1
     assert (state["weights"]["alpha"] <= 0).all()
     assert [r["epoch"] for r in json.loads((run_dir / "results.json").read_text())] == [1]
+
+
+def test_all_weights_zero_without_sampling_warns_once_and_trains_on(ana_args, tmp_path):
+    # as the reference, which needed the weights only to draw tiles: the loss keeps its negative labels
+    run_dir = tmp_path / "run"
+    main.main(ana_args("--weight_lr", "1000", "--granularity", "sample", "--epoch", "3", "--patience", "0"))
+    log = (run_dir / "output.txt").read_text()
+    assert log.count("every instance weight is zero") == 1
+    state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+    assert state["epoch"] == 3 and (state["weights"]["alpha"] <= 0).all()
 
 
 def test_missing_pretrained_weights_fails_and_the_corrected_command_runs(ana_args, tmp_path, capsys):
@@ -663,7 +770,9 @@ def test_parser_defaults():
     args = main.build_parser().parse_args([])
     # the seed README's defaults
     assert args.lr == 5e-3 and args.weight_lr == 5e-3
-    assert args.epoch == 200 and args.trainBatchSize == 32
+    assert args.epoch == 200 and args.trainBatchSize == 32 and args.testBatchSize == 32
+    # the reference rebuilt the network's Adam with the weights' after every ulr-adaptive epoch
+    assert args.weightOptimizer == "adam" and args.resetOptimizer is True
     assert args.saveModel is False and args.loadModel is False
     assert (args.initWeight, args.updateLR, args.trainingLabel, args.granularity) == \
         ("iw-ones", "ulr-ones", "real", "label")

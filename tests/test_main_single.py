@@ -199,7 +199,7 @@ def test_single_run_outputs_and_log(single_run):
     assert (args["trainingLabel"], args["resampleEvery"], args["sampling"]) == ("pseudo", 2, True)
     assert (args["weightGroups"], args["valLevel"], args["weight_lr"]) == ("one", "image", None)
     assert (args["weight_lr_used"], args["SINGLE_LABEL"], args["config_module"]) == (args["lr"], True, "config_single")
-    assert "weights: one group, learning rate 0.001 (--lr)" in log
+    assert "weights: Adam, one group, learning rate 0.001 (--lr)" in log
 
 
 def test_single_run_tensorboard_has_the_confusion_image(single_run):
@@ -221,7 +221,8 @@ def test_parser_defaults_come_from_config_single():
     assert args.resampleEvery == config_single.RESAMPLE_EVERY == 2
     assert args.initWeight == "iw-ones" and args.granularity == "label"
     assert args.sampling is True and args.weight_lr is None and args.weightGroups == "one"
-    assert args.valLevel == "image" and args.resetOptimizer is False
+    assert args.valLevel == "image" and args.resetOptimizer is True and args.weightOptimizer == "adam"
+    assert main_single.build_parser().parse_args(["--weightOptimizer", "sgd"]).weightOptimizer == "sgd"
     main_args = main.build_parser().parse_args([])
     assert (main_args.sampling, main_args.weightGroups, main_args.valLevel) == (False, "count", "tile")
     assert main_args.weight_lr == config.WEIGHT_LR

@@ -5,9 +5,10 @@ the weights of each group of tiles as one tensor, a parameter group of the netwo
 ``torch.optim.Adam``; it looks a tile's weight up with a Python loop over the groups, weights
 the BCE in place (``bce[target == 1] *= ...``), and with ``ulr-adaptive`` regroups the tiles
 after each epoch and builds a new Adam. ``_reference_run`` below does exactly that, with the
-same library calls, on a small linear network; ``_our_run`` runs the trainer's own
-``train_one_epoch`` and ``end_epoch`` on the same batches. The weights, the network and the
-stored targets must agree to float precision after 3 epochs of 20 steps each.
+same library calls, on a small linear network; ``_our_run`` runs the trainer's own epoch
+(``train_epoch``: ``train_one_epoch`` then ``end_epoch``) on the same batches, with main.py's
+default weight optimiser and network-Adam reset. The weights, the network and the stored
+targets must agree to float precision after 3 epochs of 20 steps each.
 """
 import math
 
@@ -17,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import WeightedRandomSampler
 
+import main
 from datasets.samplers import InstanceSampler
 from models.sample_weights import InstanceWeights, init_weights, sampler_weights
-from utils.ana.epoch import end_epoch, train_one_epoch
+from utils.ana.epoch import EpochSetup, train_epoch
 
 N_BAGS, TILES_PER_BAG, C, FEATURES, BATCH, EPOCHS = 80, 8, 5, 6, 32, 3
 BETAS = (0.9, 0.999)
@@ -162,20 +164,34 @@ class _Identity:
         return x
 
 
+class _GivenOrder:
+    """The sampler interface of ``train_epoch``; the batches are given, so it does nothing."""
+
+    def set_epoch(self, epoch):
+        pass
+
+    def set_weights(self, weights):
+        pass
+
+
 def _our_run(x, labels, batches, net, *, granularity, update_lr, training_label, weight_lr, lr, weight_decay, seed):
+    defaults = main.build_parser().parse_args([])  # main.py's defaults: what a user gets
     torch.manual_seed(seed)
     tile_labels = labels.float()
     targets = tile_labels.clone()
     weights = InstanceWeights(init_weights(tile_labels, "iw-data", granularity), targets, lr=weight_lr,
-                              update_lr=update_lr, grouping="count", weight_decay=weight_decay)
+                              update_lr=update_lr, grouping=defaults.weightGroups, weight_decay=weight_decay,
+                              optimizer=defaults.weightOptimizer)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay, betas=BETAS)
+    setup = EpochSetup(net, None, _GivenOrder(), optimizer, weights, tile_labels, targets, _Identity(),
+                       granularity=granularity, training_label=training_label, reset_optimizer=defaults.resetOptimizer)
     groups = [weights.group.clone()]  # the grouping each epoch trains with
-    for epoch_batches in batches:
-        loader = [(x[idx], idx) for idx in epoch_batches]
-        stats = train_one_epoch(net, loader, optimizer, weights, tile_labels, targets, _Identity(),
-                                granularity=granularity, training_label=training_label)
+    for epoch, epoch_batches in enumerate(batches, start=1):
+        setup.loader = [(x[idx], idx) for idx in epoch_batches]
+        stats = train_epoch(setup, epoch)
         assert stats["steps"] == len(epoch_batches) >= 20
-        end_epoch(weights, targets, optimizer, reset_optimizer=True)
+        assert stats["restarted"] is (update_lr == "ulr-adaptive")
+        assert (not optimizer.state) is (update_lr == "ulr-adaptive")  # the network's Adam was rebuilt too
         groups.append(weights.group.clone())
     return weights, targets, groups[:-1]
 

@@ -90,6 +90,8 @@ def test_sampler_weights_and_all_zero_error():
     assert torch.allclose(sampler_weights(torch.tensor([0.2, -0.1, 0.4]), labels), torch.tensor([0.2, 0.0, 0.4]))
     with pytest.raises(UserError, match="dropped to zero"):
         sampler_weights(torch.tensor([[-0.1, 0.0, 0.0]]), torch.tensor([[1.0, 0.0, 0.0]]))
+    zero = sampler_weights(torch.tensor([[-0.1, 0.0, 0.0]]), torch.tensor([[1.0, 0.0, 0.0]]), strict=False)
+    assert torch.equal(zero, torch.zeros(1))  # without the sampler: no error
 
 
 def test_weight_stats_counts_dropped_pairs():
@@ -251,3 +253,60 @@ def test_instance_sampler_shuffles_and_weights():
     assert set(drawn.tolist()) <= {4, 7} and len(drawn) == 50
     assert sampling_entropy(torch.ones(10)) == pytest.approx(1.0)
     assert sampling_entropy(torch.tensor([1.0, 0, 0, 0])) == pytest.approx(0.0)
+
+
+def test_sgd_step_by_hand_duplicate_rows_lambda_zero_and_weight_decay():
+    # label counts 1 | 2, 2, 2 | 3 with ulr-adaptive: lambda 0 | log2/log3 | 1
+    t3 = torch.cat([T, torch.ones(1, 3)])
+    alpha0 = torch.tensor([[0.9, 0, 0], [0.6, 0.7, 0], [0.5, 0.4, 0], [0, 0.8, 0.3], [0.2, 0.5, 0.6]])
+    w = InstanceWeights(alpha0.clone(), t3, lr=0.3, update_lr="ulr-adaptive", grouping="count", weight_decay=0.1,
+                        optimizer="sgd")
+    idx = torch.tensor([0, 1, 4, 4])  # tile 4 drawn twice; tiles 2 and 3 are not in the batch
+    grad = torch.tensor([[2.0, 0, 0], [0.5, 0.25, 0], [0.1, 0.2, 0.3], [0.4, 0.0, 0.1]])
+    w.step(idx, grad)
+    lam = {0: 0.0, 1: math.log(2) / math.log(3), 4: 1.0}
+    expected = alpha0.clone()
+    summed = {0: grad[0], 1: grad[1], 4: grad[2] + grad[3]}
+    for i, g in summed.items():  # alpha -= lambda * lr * (grad + weight_decay * alpha), rows in the batch only
+        expected[i] = alpha0[i] - lam[i] * 0.3 * (g + 0.1 * alpha0[i])
+    torch.testing.assert_close(w.alpha, expected, rtol=0, atol=1e-7)
+    assert torch.equal(w.alpha[0], alpha0[0])        # lambda 0: no move despite a large gradient
+    assert torch.equal(w.alpha[2:4], alpha0[2:4])    # same group as tile 1, not in the batch: untouched
+    assert not torch.equal(w.alpha[1], alpha0[1])
+    # a second step with no momentum: the move depends only on this step's gradient
+    before = w.alpha.clone()
+    w.step(torch.tensor([1]), torch.zeros(1, 3))
+    torch.testing.assert_close(w.alpha[1], before[1] * (1 - lam[1] * 0.3 * 0.1), rtol=0, atol=1e-7)
+    assert torch.equal(w.alpha[4], before[4])
+
+
+def test_sgd_step_is_proportional_to_the_loss_and_adam_is_not():
+    # two tiles of one group, gradients (the pairs' BCE) 0.1 and 1.0
+    grads = torch.tensor([[0.1], [1.0]])
+    sgd = InstanceWeights(torch.ones(2, 1), torch.ones(2, 1), lr=0.1, grouping="one", optimizer="sgd")
+    adam = InstanceWeights(torch.ones(2, 1), torch.ones(2, 1), lr=0.1, grouping="one")
+    sgd.step(torch.tensor([0, 1]), grads)
+    adam.step(torch.tensor([0, 1]), grads)
+    torch.testing.assert_close(1 - sgd.alpha, 0.1 * grads)
+    torch.testing.assert_close(1 - adam.alpha, torch.full((2, 1), 0.1))  # lr * sign on the first step
+
+
+def test_sgd_sample_granularity_and_skipped_step():
+    w = InstanceWeights(torch.ones(3), torch.ones(3, 2), lr=0.5, grouping="one", optimizer="sgd")
+    w.step(torch.tensor([2]), torch.tensor([0.4]), valid=torch.tensor(False))
+    assert torch.equal(w.alpha, torch.ones(3)) and w.steps.sum() == 0
+    w.step(torch.tensor([2, 2]), torch.tensor([0.4, 0.2]))
+    torch.testing.assert_close(w.alpha, torch.tensor([1.0, 1.0, 0.7]))
+    assert w.steps.tolist() == [1.0]
+
+
+def test_sgd_state_round_trip_and_optimizer_mismatch():
+    w = InstanceWeights(T.clone(), T, lr=0.1, optimizer="sgd")
+    w.step(torch.tensor([1, 2]), torch.rand(2, 3))
+    w2 = InstanceWeights(torch.zeros(4, 3), T, lr=0.1, optimizer="sgd")
+    w2.load_state_dict(w.state_dict())
+    assert torch.equal(w2.alpha, w.alpha) and torch.equal(w2.steps, w.steps)
+    with pytest.raises(UserError, match="--weightOptimizer sgd"):
+        InstanceWeights(torch.zeros(4, 3), T, lr=0.1).load_state_dict(w.state_dict())
+    with pytest.raises(ValueError, match="weight optimizer"):
+        InstanceWeights(T.clone(), T, lr=0.1, optimizer="rmsprop")

@@ -6,7 +6,7 @@ import torch
 
 from models.losses_ana import weighted_bce_loss
 from models.pseudo_labels import make_targets
-from models.sample_weights import sampler_weights
+from models.sample_weights import ALL_ZERO_ERROR, sampler_weights
 from utils.distributed import any_over_processes, gather_from_processes
 from utils.errors import UserError
 from utils.logger import progress
@@ -55,7 +55,7 @@ class EpochSetup:
     training_label: str = "real"
     sampling: bool = False
     resample_every: int = 1
-    reset_optimizer: bool = False
+    reset_optimizer: bool = True
     dist_info: object = None
     sampler_probs: torch.Tensor = None
 
@@ -64,14 +64,20 @@ def train_epoch(setup, epoch):
     """One epoch as ``main.py`` / ``main_single.py`` run it, as the reference's epoch loop did:
 
     1. the sampler's probabilities from the current weights (on epochs 1, 1 + N, 1 + 2N, ...
-       for ``resample_every`` N; raises a :class:`UserError` when every weight is zero), drawn
-       from with ``sampling``, else a plain shuffle;
+       for ``resample_every`` N), drawn from with ``sampling`` (which raises a
+       :class:`UserError` when every weight is zero: nothing could be drawn), else a plain
+       shuffle;
     2. :func:`train_one_epoch`;
     3. :func:`end_epoch` (the ``ulr-adaptive`` regrouping and optimiser restart).
-    Returns the statistics of :func:`train_one_epoch` plus ``restarted``.
+    Returns the statistics of :func:`train_one_epoch` plus ``restarted`` and ``all_zero``
+    (every weight in use was zero at the start of the epoch: the loss then holds only the
+    negative labels, as in the reference, which trained on without ``--sampling``).
     """
     if setup.sampler_probs is None or (epoch - 1) % setup.resample_every == 0:
-        setup.sampler_probs = sampler_weights(setup.weights.alpha, setup.tile_labels)
+        setup.sampler_probs = sampler_weights(setup.weights.alpha, setup.tile_labels, strict=False)
+    all_zero = not bool(torch.any(setup.sampler_probs > 0))
+    if setup.sampling and all_zero:
+        raise UserError(ALL_ZERO_ERROR)
     setup.sampler.set_epoch(epoch)
     setup.sampler.set_weights(setup.sampler_probs if setup.sampling else None)
     stats = train_one_epoch(setup.model, setup.loader, setup.optimizer, setup.weights, setup.tile_labels,
@@ -79,6 +85,7 @@ def train_epoch(setup, epoch):
                             training_label=setup.training_label, desc=f"epoch {epoch} train",
                             precision=setup.precision, dist_info=setup.dist_info)
     stats["restarted"] = end_epoch(setup.weights, setup.targets, setup.optimizer, setup.reset_optimizer)
+    stats["all_zero"] = all_zero
     return stats
 
 
@@ -155,11 +162,12 @@ def train_one_epoch(model, loader, optimizer, weights, tile_labels, targets, pre
             "skipped_batches": skipped, "images_per_s": n_images / max(elapsed, 1e-9)}
 
 
-def end_epoch(weights, targets, optimizer, reset_optimizer):
+def end_epoch(weights, targets, optimizer, reset_optimizer=True):
     """What the reference did after each training epoch: with ``ulr-adaptive`` it regrouped the
     tiles by their current targets and built a new Adam for the network and the weights. The
-    weights' Adam always restarts then (:meth:`InstanceWeights.end_epoch`); the network's only
-    with ``reset_optimizer`` (``--resetOptimizer``). Returns whether a restart happened."""
+    weights' optimiser always restarts then (:meth:`InstanceWeights.end_epoch`); the network's
+    Adam state is cleared with ``reset_optimizer`` (the default; ``--no-resetOptimizer`` keeps
+    it). Returns whether a restart happened."""
     restarted = weights.end_epoch(targets)
     if restarted and reset_optimizer:
         optimizer.state.clear()

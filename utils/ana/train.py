@@ -9,6 +9,7 @@ import functools
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -17,8 +18,10 @@ from datasets.ana import (CachedTileDataset, build_tile_cache, build_tileset, ch
 from datasets.samplers import InstanceSampler, sampling_entropy
 from models.backbones import RESNETS, build_resnet_classifier
 from models.pseudo_labels import TRAINING_LABELS
-from models.sample_weights import GRANULARITIES, GROUPINGS, INIT_METHODS, LR_METHODS, InstanceWeights, init_weights, weight_stats
+from models.sample_weights import (GRANULARITIES, GROUPINGS, INIT_METHODS, LR_METHODS, WEIGHT_OPTIMIZERS,
+                                  InstanceWeights, init_weights, weight_stats)
 from utils.ana.epoch import BatchPreprocessor, EpochSetup, bag_max, predict, train_epoch
+from utils.ana.instances import write_instance_weights, write_tile_montages, write_tile_predictions
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.checks import SEED_MAX, check_output_dir, float_arg, int_arg, range_problem
 from utils.device import resolve_device
@@ -53,8 +56,9 @@ def add_arguments(parser, cfg):
     g = parser.add_argument_group("optimisation")
     g.add_argument("--lr", type=ARG_TYPES["lr"], default=cfg.LR,
                    help="network learning rate (default: %(default)s)")
-    g.add_argument("--weight_lr", type=ARG_TYPES["weight_lr"], default=cfg.WEIGHT_LR,
-                   help="learning rate of the instance weights (default: %(default)s; None = the network's --lr)")
+    g.add_argument("--weight_lr", type=ARG_TYPES["weight_lr"], default=cfg.WEIGHT_LR, action=_StoreWeightLR,
+                   help="learning rate of the instance weights (default: %(default)s with --weightOptimizer adam, "
+                        f"where None means the network's --lr; {cfg.SGD_WEIGHT_LR:g} with --weightOptimizer sgd)")
     g.add_argument("--epoch", type=ARG_TYPES["epoch"], default=cfg.EPOCHS,
                    help="maximum number of epochs (default: %(default)s)")
     g.add_argument("--trainBatchSize", type=ARG_TYPES["trainBatchSize"], default=cfg.TRAIN_BATCH_SIZE,
@@ -65,10 +69,16 @@ def add_arguments(parser, cfg):
                    help="Adam L2 weight decay, network and instance weights (default: %(default)s)")
     g.add_argument("--patience", type=ARG_TYPES["patience"], default=cfg.PATIENCE,
                    help="early stopping: epochs without any val metric improving (0 = off; default: %(default)s)")
-    g.add_argument("--resetOptimizer", action="store_true",
-                   help="reset the network's Adam state whenever the weights' Adam restarts (after every epoch of "
-                        "--updateLR ulr-adaptive), as the reference's rebuilt optimiser did (default: off)")
+    g.add_argument("--resetOptimizer", action=argparse.BooleanOptionalAction, default=True,
+                   help="reset the network's Adam state whenever the weights' optimiser restarts (after every epoch "
+                        "of --updateLR ulr-adaptive), as the reference's rebuilt optimiser did (default: on; "
+                        "--no-resetOptimizer keeps it)")
     g = parser.add_argument_group("self-paced method")
+    g.add_argument("--weightOptimizer", choices=WEIGHT_OPTIMIZERS, default="adam",
+                   help="how the instance weights move: the reference's per-group Adam (a step of about "
+                        "lambda_g * weight_lr whatever the loss), or sgd, a plain gradient step on the batch's rows "
+                        "(lambda_g * weight_lr * loss: a pair loses weight in proportion to its loss) "
+                        "(default: %(default)s)")
     g.add_argument("--initWeight", choices=INIT_METHODS, default=cfg.INIT_WEIGHT,
                    help="weight initialisation (default: %(default)s)")
     g.add_argument("--updateLR", choices=LR_METHODS, default=cfg.UPDATE_LR,
@@ -131,6 +141,24 @@ def add_arguments(parser, cfg):
     return parser
 
 
+class _StoreWeightLR(argparse.Action):
+    """``--weight_lr`` that also records that the user gave it (``weight_lr_given``), so that
+    ``--weightOptimizer sgd`` can use its own default only when none was given."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.weight_lr_given = True
+
+
+def resolve_weight_lr(args, cfg):
+    """``args`` with ``--weight_lr`` set to ``cfg.SGD_WEIGHT_LR`` for ``--weightOptimizer sgd``
+    when the user gave no ``--weight_lr`` (a copy; ``args`` itself is unchanged)."""
+    args = argparse.Namespace(**vars(args))
+    if getattr(args, "weightOptimizer", "adam") == "sgd" and not getattr(args, "weight_lr_given", False):
+        args.weight_lr = cfg.SGD_WEIGHT_LR
+    return args
+
+
 def weight_lr(args):
     """The instance weights' learning rate: ``--weight_lr``, or the network's ``--lr`` when None."""
     return args.lr if args.weight_lr is None else args.weight_lr
@@ -139,7 +167,8 @@ def weight_lr(args):
 def default_run_name(args, cfg):
     """Run directory built from the hyperparameters, so different settings never collide."""
     sampling = "sampling" if args.sampling else "nosampling"
-    name = (f"{cfg.RUN_PREFIX}_{args.arch}_N{args.imageSize}_T{args.tileSize}_lr{args.lr:g}_wlr{weight_lr(args):g}_"
+    wlr = f"{weight_lr(args):g}" + ("_sgd" if getattr(args, "weightOptimizer", "adam") == "sgd" else "")
+    name = (f"{cfg.RUN_PREFIX}_{args.arch}_N{args.imageSize}_T{args.tileSize}_lr{args.lr:g}_wlr{wlr}_"
             f"{args.initWeight}_{args.updateLR}_{args.granularity}_{args.weightGroups}_{args.trainingLabel}_"
             f"{sampling}_val{args.valLevel}_bs{args.trainBatchSize}_seed{args.seed}")
     return Path(cfg.PATH_MODEL_ROOT) / name
@@ -148,10 +177,13 @@ def default_run_name(args, cfg):
 def _describe_weights(weights, args):
     """Log line: how the weights are grouped for Adam and at which learning rates."""
     source = " (--lr)" if args.weight_lr is None else ""
+    if args.weightOptimizer == "sgd" and not getattr(args, "weight_lr_given", False):
+        source = " (the --weightOptimizer sgd default)"
+    how = "Adam" if args.weightOptimizer == "adam" else "gradient steps (--weightOptimizer sgd)"
     if args.weightGroups == "one":
-        return f"weights: one group, learning rate {weight_lr(args):g}{source}"
+        return f"weights: {how}, one group, learning rate {weight_lr(args):g}{source}"
     rates = ", ".join(f"{lr:g}" for lr in weights.group_lr.tolist())
-    return (f"weights: {len(weights.group_lr)} groups of tiles with the same label "
+    return (f"weights: {how}, {len(weights.group_lr)} groups of tiles with the same label "
             f"{'count' if args.weightGroups == 'count' else 'set'}, learning rates {rates}{source}")
 
 
@@ -163,6 +195,9 @@ def _check_args(args, cfg):
         problem = None if value is None else range_problem(value, **arg_type.bounds)
         if problem:
             raise UserError(f"--{name} (default from {cfg.__name__}.py): {problem}")
+    problem = range_problem(cfg.SGD_WEIGHT_LR, **ARG_TYPES["weight_lr"].bounds)
+    if problem:
+        raise UserError(f"SGD_WEIGHT_LR of {cfg.__name__}.py: {problem}")
     if args.updateLR == "ulr-adaptive" and args.weightGroups == "one":
         raise UserError("--updateLR ulr-adaptive sets a learning rate per group of tiles with the same labels; "
                         "with --weightGroups one there is one group: use --weightGroups count or combination")
@@ -242,6 +277,7 @@ def run(args, cfg, command=None):
     this process's command line plus ``--loadModel``).
     """
     _check_args(args, cfg)
+    args = resolve_weight_lr(args, cfg)
     run_dir = Path(args.pathModelParams) if args.pathModelParams else default_run_name(args, cfg)
     lock = claim_run_dir(run_dir, "--pathModelParams", hint="or choose another --pathModelParams")
     device = resolve_device(args.device)
@@ -340,7 +376,7 @@ def _build(args, cfg, device, model, tiles, caches, num_classes, logger, info):
     targets = tile_labels.clone()
     weights = InstanceWeights(init_weights(train.tile_labels, args.initWeight, args.granularity), targets,
                               lr=weight_lr(args), update_lr=args.updateLR, grouping=args.weightGroups,
-                              weight_decay=args.weightDecay).to(device)
+                              weight_decay=args.weightDecay, optimizer=args.weightOptimizer).to(device)
     logger.info(_describe_weights(weights, args))
     sampler = InstanceSampler(len(train), seed=args.seed, num_replicas=info.world_size, rank=info.rank)
     loader = functools.partial(seeded_loader, device=device, num_workers=args.numWorkers, seed=args.seed)
@@ -416,8 +452,14 @@ def _train(args, cfg, device, model, tiles, caches, num_classes, run_dir, logger
         start_epoch, best, best_files, last_val, last_test = _resume(args, setup, model, num_classes, run_dir, early,
                                                                      results, logger)
 
+    warned_zero = False
     for epoch in range(start_epoch, args.epoch + 1):
         stats = train_epoch(setup, epoch)
+        if stats["all_zero"] and not warned_zero:
+            logger.warning(f"epoch {epoch} | warning: every instance weight is zero, so the loss holds only the "
+                           "negative labels (training goes on, as in the reference; --sampling would stop here); "
+                           "lower --weight_lr")
+            warned_zero = True
         stats = mean_over_processes(stats, info, device, sum_keys=("images", "steps", "images_per_s", "skipped_batches"))
         if info.is_main:  # the main process validates; its metrics decide for every process
             val = tiles["val"]
@@ -436,6 +478,7 @@ def _train(args, cfg, device, model, tiles, caches, num_classes, run_dir, logger
         if improved and info.is_main:
             last_test = _test_best(args, model, tiles["test"], loaders["test"], setup, metric_fn, single, num_classes,
                                    run_dir, writer, epoch)
+            _write_instances(run_dir, tiles["train"], loaders["train"], setup)
             results.append({"epoch": epoch, "improved": improved, "val_results": last_val, "test_results": last_test})
             logger.info(f"epoch {epoch} | new best {', '.join(improved)} | test {format_metrics(last_test, log_keys)}")
             if args.saveModel:
@@ -457,15 +500,18 @@ def _train(args, cfg, device, model, tiles, caches, num_classes, run_dir, logger
         if stop:
             logger.info(f"early stopping: no val metric improved for {args.patience} epochs")
             break
+    if info.is_main:
+        _write_instances(run_dir, tiles["train"], loaders["train"], setup, suffix="_last")
     logger.info(f"done | best val {json.dumps({k: round(v, 4) for k, v in best.items()})}")
     return {"best": best, "val": last_val, "test": last_test, "run_dir": str(run_dir)}
 
 
 def _test_best(args, model, test, test_loader, setup, metric_fn, single, num_classes, run_dir, writer, epoch):
     """Image-level test metrics of a new best model; writes its predictions (and confusion matrix)."""
-    bag_probs = bag_max(predict(model, test_loader, setup.preprocess, desc=f"epoch {epoch} test",
-                                precision=setup.precision), test.tile_bag, len(test.bags))
+    tile_probs = predict(model, test_loader, setup.preprocess, desc=f"epoch {epoch} test", precision=setup.precision)
+    bag_probs = bag_max(tile_probs, test.tile_bag, len(test.bags))
     metrics = metric_fn(test.bag_labels, bag_probs)
+    write_tile_predictions(run_dir / "test_tile_predictions.csv", test, tile_probs)
     _write_predictions(run_dir / "test_predictions.csv", test, bag_probs, num_classes, single)
     if single:
         _write_confusion(run_dir / "confusion_matrix.csv", metrics["confusion_matrix"])
@@ -473,6 +519,14 @@ def _test_best(args, model, test, test_loader, setup, metric_fn, single, num_cla
                          epoch, dataformats="HWC")
     _log_scalars(writer, "test", metrics, epoch)
     return metrics
+
+
+def _write_instances(run_dir, train, train_loader, setup, suffix=""):
+    """``instance_weights{suffix}.csv`` and ``instance_tiles/class{k}{suffix}.png`` of the current weights."""
+    frame = write_instance_weights(run_dir / f"instance_weights{suffix}.csv", train, setup.weights.alpha,
+                                   setup.targets)
+    write_tile_montages(run_dir / "instance_tiles", frame, np.load(train_loader.dataset.cache_path, mmap_mode="r"),
+                        suffix=suffix)
 
 
 def _keep_best_models(model, improved, best_files, run_dir, epoch):
