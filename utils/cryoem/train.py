@@ -113,7 +113,7 @@ def _heldout_note(data):
         + ("s" if len(names) > 1 else "")
 
 
-# The class prior the seed's design documents as the default of loss.prior (README, "Configuration").
+# The documented default of loss.prior when the data hold no estimate (README, CryoEM "Config").
 DOCUMENTED_PRIOR = 0.3
 
 
@@ -121,7 +121,7 @@ def _resolve_prior(cfg, data):
     """``(prior, note)``: ``loss.prior``, or for ``auto`` the data's ``metadata.prior``; note is None,
     or a warning for the log when the data hold no prior and the documented default 0.3 is used.
 
-    Data in the seed's layout need not carry a prior; a ``metadata.prior`` that is present but not a
+    Training data written by other tools (``preprocessed_data.pt``) need not carry a prior; a ``metadata.prior`` that is present but not a
     number in (0, 1) is an error (a broken file, not a missing estimate).
     """
     prior = cfg["loss"]["prior"]
