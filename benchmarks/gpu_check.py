@@ -64,6 +64,7 @@ PARTS = (("ana_resume", 110, 90), ("cryoem_resume", 110, 90), ("weights", 20, 30
 FULL_METHOD = ("--initWeight", "iw-sample", "--updateLR", "ulr-adaptive", "--granularity", "label",
                "--sampling", "--trainingLabel", "pseudo", "--lr", "1e-3", "--weight_lr", "1e-3")
 TABLE_HEAD = ("part", "check", "result", "value", "note")
+PROCESS_START = time.monotonic()  # a constant of the process, for the progress lines
 
 
 def build_parser():
@@ -105,9 +106,10 @@ def _python(args, env=None, timeout=None, **kwargs):
                           env={**os.environ, **(env or {})}, **kwargs)
 
 
-def _say(message, _start=time.monotonic()):
-    """A progress line with the seconds since the part started (what a timeout's note shows)."""
-    print(f"[{time.monotonic() - _start:5.1f} s] {message}", flush=True)
+def _say(message):
+    """A progress line with the seconds since this process started (a part runs in its own process;
+    a timeout's note shows the last of these lines)."""
+    print(f"[{time.monotonic() - PROCESS_START:5.1f} s] {message}", flush=True)
 
 
 def _tail(text, n=3):
@@ -239,7 +241,7 @@ def part_cryoem_resume(smoke, work):
 def part_weights(smoke, work):
     """InstanceWeights on the device and on the CPU, fed the same batches and gradients."""
     from models.sample_weights import InstanceWeights, init_weights
-    device = torch.device("cpu") if smoke else torch.device("cuda")
+    device = _device(smoke)
     g = torch.Generator().manual_seed(0)
     n_tiles, n_classes, batch = (400, 6, 16) if smoke else (4000, 8, 32)
     labels = (torch.rand(n_tiles, n_classes, generator=g) < 0.3).double()
@@ -276,7 +278,7 @@ def part_dense_map(smoke, work):
     from datasets.synthetic_micrographs import synthetic_micrograph
     from models.dense import probability_map
     from models.fixmatch_pu import FixMatchPUModel
-    device = torch.device("cpu") if smoke else torch.device("cuda")
+    device = _device(smoke)
     torch.manual_seed(0)
     model = FixMatchPUModel("resnet18", context=64).eval()
     size = 384 if smoke else 1024

@@ -88,7 +88,8 @@ def mean_over_processes(values, info, device, sum_keys=()):
     if not info.enabled:
         return values
     keys = [k for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=collective_device())
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
+                     device=device if device.type == "cuda" else "cpu")
     dist.all_reduce(t)
     out = {k: float(v) if k in sum_keys else float(v) / info.world_size for k, v in zip(keys, t.tolist())}
     return {**values, **out}

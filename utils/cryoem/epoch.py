@@ -61,7 +61,7 @@ class StepParams:
                    entropy_rampup_epochs=training["entropy_rampup_epochs"], grad_clip=training["grad_clip"])
 
     def weights(self, epoch_index):
-        """``(w_cons, w_ent)`` of the 0-based epoch ``epoch_index`` (the seed's ramps)."""
+        """``(w_cons, w_ent)`` of the 0-based epoch ``epoch_index`` (the linear ramps of the config's ``training`` keys)."""
         return (consistency_weight(epoch_index, self.lambda_consistency, self.rampup_epochs),
                 entropy_weight(epoch_index, self.lambda_entropy, self.entropy_start_epoch,
                                self.entropy_rampup_epochs))
