@@ -89,6 +89,57 @@ def make_summary_writer(log_dir, purge_step=None):
     return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
 
+class LazySummaryWriter:
+    """The run's TensorBoard writer, created on first use: a resumed run with nothing left to
+    train gets no new event file, and only the main process (``enabled``) writes. ``purge_step``
+    (the first epoch this attempt trains) hides the events a killed attempt left for it and later."""
+
+    def __init__(self, log_dir, purge_step=None, enabled=True):
+        self._log_dir, self._purge_step, self._enabled, self._writer = log_dir, purge_step, enabled, None
+
+    def __getattr__(self, name):  # add_scalar, add_image, add_histogram, ...: create the writer first
+        if self._writer is None:
+            self._writer = (make_summary_writer(self._log_dir, self._purge_step) if self._enabled
+                            else NullSummaryWriter())
+        return getattr(self._writer, name)
+
+    def flush(self):
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self):
+        if self._writer is not None:
+            self._writer.close()
+
+
+class RecordBuffer(logging.Handler):
+    """Keeps log records until the run's log file is open (nothing is written before the checks
+    pass); :meth:`replay` then hands them to the run's logger in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def replay(self, logger):
+        for record in self.records:
+            logger.handle(record)
+        self.records.clear()
+
+
+def buffered_logger(name):
+    """``(logger, buffer)``: a logger for the lines a run has before its log opens (the checks of
+    its inputs); ``buffer.replay(run_logger)`` writes them once the log is open. The logger is not
+    registered with :mod:`logging`, so nothing global is created per run."""
+    logger = logging.Logger(name)
+    logger.setLevel(logging.INFO)
+    buffer = RecordBuffer()
+    logger.addHandler(buffer)
+    return logger, buffer
+
+
 class NullSummaryWriter:
     """Stands in for a SummaryWriter where nothing is written (the non-main processes of a
     distributed run): every method accepts anything and does nothing."""

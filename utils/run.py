@@ -36,6 +36,27 @@ def claim_run_dir(run_dir, flag, hint=""):
     return lock
 
 
+def resume_point(run_dir, resume, flag, started, attempted=(), other_flag="--pathModelParams"):
+    """Where a run starts: ``run_dir/last.pt`` to resume from, or None to start at epoch 1.
+
+    ``resume``: the user's resume flag (``flag``, e.g. ``--loadModel`` / ``--resume``); ``started``:
+    files of ``run_dir`` that only a run that trained holds (last.pt, results.json); ``attempted``:
+    files an attempt writes before its first epoch ends (its log, its settings). ``flag`` without
+    any of them is an error (nothing to resume), as is a new run in a folder that holds a started
+    run (``other_flag`` names where else to put it). ``flag`` with an attempt that died in its first
+    epoch (no last.pt) starts afresh: None.
+    """
+    last_path = run_dir / "last.pt"
+    found = [name for name in started if (run_dir / name).is_file()]
+    tried = found or [name for name in attempted if (run_dir / name).is_file()]
+    if resume and not tried:
+        raise UserError(f"{flag}: {last_path} does not exist (nothing to resume; drop {flag} to start a new run)")
+    if not resume and found:
+        raise UserError(f"run directory {run_dir} already holds a run ({found[0]}); pass {flag} to continue it "
+                        f"or choose another {other_flag}")
+    return last_path if resume and last_path.is_file() else None
+
+
 def check_global_batch(batch_size, info, flag):
     """``batch_size`` (the global batch) must split evenly over the torchrun processes."""
     if batch_size % info.world_size:
