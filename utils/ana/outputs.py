@@ -1,4 +1,13 @@
-"""Instance-level outputs of an ANA run: which tiles the weights and the model credit with a label.
+"""The output files and log lines of an ANA run (main.py, main_single.py).
+
+Run level:
+
+- ``{epoch}_{metric}.pt`` (``--saveModel``): the best model per val metric, :func:`keep_best_models`;
+- ``test_predictions.csv`` (and ``confusion_matrix.csv`` for single-label runs): the test images'
+  probabilities of a new best model;
+- TensorBoard scalars and output.txt's per-epoch weight line, :func:`log_epoch`.
+
+Instance level: which tiles the weights and the model credit with a label.
 
 - ``instance_weights.csv``: one row per positive (training tile, class) pair, with the weight
   in use (``ReLU(alpha)``), the image's labels and the last target the pair was trained with;
@@ -15,9 +24,14 @@ import pandas as pd
 import torch
 from PIL import Image, ImageDraw
 
+from datasets.samplers import sampling_entropy
+from models.sample_weights import weight_stats
+from utils.checkpoint import save_checkpoint
 from utils.io import atomic_write
 
 MONTAGE_TILES = 8  # tiles per row of a class's PNG
+# val metric key -> checkpoint file suffix of the reference code's README ({epoch}_f1mi.pt, ...)
+BEST_METRICS = {"f1_mi": "f1mi", "f1_ma": "f1ma", "acc_total": "acc", "mAP": "mAP"}
 
 
 def _tile_frame(tileset):
@@ -99,3 +113,87 @@ def write_tile_montages(folder, frame, tile_cache, suffix=""):
         written.append(path)
     return written
 
+
+
+def write_instances(run_dir, train, train_loader, setup, suffix=""):
+    """``instance_weights{suffix}.csv`` and ``instance_tiles/class{k}{suffix}.png`` of the current
+    weights (``setup``: the run's :class:`utils.ana.epoch.EpochSetup`)."""
+    frame = write_instance_weights(run_dir / f"instance_weights{suffix}.csv", train, setup.weights.alpha,
+                                   setup.targets)
+    write_tile_montages(run_dir / "instance_tiles", frame, np.load(train_loader.dataset.cache_path, mmap_mode="r"),
+                        suffix=suffix)
+
+
+def write_predictions(path, tileset, probs, *, single_label):
+    """``test_predictions.csv``: ``path``, ``target``, (``pred``,) ``prob_0`` ... per test image."""
+    frame = pd.DataFrame({"path": tileset.bags["bag"].astype(str), "target": tileset.bags["TARGET"]})
+    if single_label:
+        frame["pred"] = probs.argmax(dim=1).numpy()
+    for k in range(probs.shape[1]):
+        frame[f"prob_{k}"] = probs[:, k].numpy()
+    atomic_write(path, lambda f: frame.to_csv(f, index=False), mode="w")
+
+
+def write_confusion(path, matrix):
+    """``confusion_matrix.csv``: rows ``true_k``, columns ``pred_k`` (counts)."""
+    n = len(matrix)
+    frame = pd.DataFrame(matrix, index=[f"true_{k}" for k in range(n)], columns=[f"pred_{k}" for k in range(n)])
+    atomic_write(path, lambda f: frame.to_csv(f, index_label="class"), mode="w")
+
+
+def keep_best_models(model, improved, best_files, run_dir, epoch):
+    """--saveModel: ``{epoch}_{metric}.pt`` for each improved metric, replacing that metric's older file."""
+    for key in improved:
+        name = f"{epoch}_{BEST_METRICS[key]}.pt"
+        save_checkpoint(model.state_dict(), run_dir / name)
+        old = best_files.get(key)
+        if old and old != name and (run_dir / old).is_file():
+            (run_dir / old).unlink()
+        best_files[key] = name
+
+
+class NullResults:
+    """Stands in for results.json on the processes other than the main one."""
+
+    def append(self, record):
+        pass
+
+    def truncate_after(self, epoch):
+        pass
+
+
+def log_scalars(writer, prefix, values, step):
+    """TensorBoard ``prefix/key`` for every finite number of ``values``."""
+    for key, value in values.items():
+        if isinstance(value, (int, float)) and value == value:
+            writer.add_scalar(f"{prefix}/{key}", value, step)
+
+
+def log_epoch(settings, writer, logger, setup, stats, val, epoch):
+    """TensorBoard scalars of the epoch and output.txt's ``weights mean M dropped D`` line."""
+    weights, tile_labels = setup.weights, setup.tile_labels
+    wstats = weight_stats(weights.alpha, tile_labels)
+    log_scalars(writer, "train", {k: stats[k] for k in ("loss", "images_per_s", "skipped_batches")}, epoch)
+    writer.add_scalar("train/lr", setup.optimizer.param_groups[0]["lr"], epoch)
+    writer.add_scalar("train/weight_lr", settings.weight_lr_used, epoch)
+    log_scalars(writer, "val", val, epoch)
+    log_scalars(writer, "weights", wstats, epoch)
+    entropy = sampling_entropy(setup.sampler_probs) if settings.sampling else 1.0  # 1 = uniform (shuffling)
+    writer.add_scalar("sampler/entropy", entropy, epoch)
+    writer.add_histogram("weights/alpha", weights.alpha[tile_labels > 0] if weights.alpha.dim() == 2
+                         else weights.alpha, epoch)
+    logger.info(f"epoch {epoch} | weights mean {wstats['mean']:.4f} dropped {wstats['dropped_fraction']:.3f}"
+                + (f" | sampler entropy {entropy:.3f}" if settings.sampling else ""))
+
+
+def describe_weights(weights, settings):
+    """Log line: how the weights are grouped for Adam and at which learning rates."""
+    source = " (--lr)" if settings.weight_lr is None else ""
+    if settings.weightOptimizer == "sgd" and not settings.weight_lr_given:
+        source = " (the --weightOptimizer sgd default)"
+    how = "Adam" if settings.weightOptimizer == "adam" else "gradient steps (--weightOptimizer sgd)"
+    if settings.weightGroups == "one":
+        return f"weights: {how}, one group, learning rate {settings.weight_lr_used:g}{source}"
+    rates = ", ".join(f"{lr:g}" for lr in weights.group_lr.tolist())
+    return (f"weights: {how}, {len(weights.group_lr)} groups of tiles with the same label "
+            f"{'count' if settings.weightGroups == 'count' else 'set'}, learning rates {rates}{source}")
