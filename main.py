@@ -443,7 +443,8 @@ def run(settings, command=None):
                 write_instances(run_dir, tiles["train"], loaders["train"], setup)
                 results.append({"epoch": epoch, "improved": improved, "val_results": last_val,
                                 "test_results": last_test})
-                logger.info(f"epoch {epoch} | new best {', '.join(improved)} | test {format_metrics(last_test, log_keys)}")
+                logger.info(f"epoch {epoch} | new best {', '.join(improved)} | "
+                            f"test {format_metrics(last_test, log_keys)}")
                 if settings.saveModel:
                     keep_best_models(model, improved, best_files, run_dir, epoch)
             stop = early.step(bool(improved))
