@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import config
-from datasets.ana import (CachedTileDataset, build_tile_caches, describe, load_splits, missing_tile_caches)
+from datasets.ana import CachedTileDataset, build_tile_caches, describe, load_splits, missing_tile_caches
 from datasets.samplers import InstanceSampler
 from models.backbones import RESNETS, build_resnet_classifier
 from models.pseudo_labels import TRAINING_LABELS
@@ -46,7 +46,7 @@ from utils.seed import rng_state, seed_everything, seeded_loader, set_rng_state
 
 DESCRIPTION = "Self-paced MIML training for ANA images (multi-label). Defaults from config.py."
 # The range of every numeric flag: the argparse type (checked at parse time) and, for the
-# defaults that come from the config module, _check_args.
+# defaults that come from the config module, check_args.
 ARG_TYPES = {
     "lr": float_arg(0, low_open=True), "weight_lr": float_arg(0), "weightDecay": float_arg(0),
     "epoch": int_arg(1), "trainBatchSize": int_arg(1), "testBatchSize": int_arg(1), "patience": int_arg(0),
