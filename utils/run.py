@@ -1,4 +1,4 @@
-"""The frame both training runs share (main.py, utils/cryoem/train.py).
+"""The frame both training runs share (utils/ana/train.py, utils/cryoem/train.py).
 
 A run is a directory that one process family owns from start to end:
 
