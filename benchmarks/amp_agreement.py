@@ -11,7 +11,7 @@ metrics of both and their differences are printed:
 * ``cryoem``: ``train_pu_selective_fixmatch.py``'s training (``utils.cryoem.train.run``) on the
   CryoEM demo data (``make_demo_data.py --family cryoem``, written to ``--data-dir`` when
   missing), ``training.amp`` false and true;
-* ``ana``: ``main.py``'s full model (``utils.ana.train.run``) on a small generated MIML set
+* ``ana``: ``main.py``'s full model (``main.run``) on a small generated MIML set
   (written to ``--ana-data-dir`` when missing), ``--no-amp`` and ``--amp``.
 
 On a GPU the trainers pick bf16 (or fp16 with loss scaling) themselves. On the CPU the trainers
@@ -32,7 +32,7 @@ import config  # noqa: E402
 from datasets.synthetic_ana import generate_ana_demo  # noqa: E402
 from datasets.synthetic_cryoem import generate_cryoem_demo  # noqa: E402
 from main import build_parser as build_main_parser  # noqa: E402
-from utils.ana import train as ana_trainer  # noqa: E402
+import main as ana_trainer  # noqa: E402
 from utils.cryoem import train as cryoem_trainer  # noqa: E402
 from utils.cryoem.config import default_config  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
@@ -94,7 +94,7 @@ def run_ana(args, device, tmp, amp):
             str(args.ana_epochs), "--seed", str(args.seed), "--device", str(device), "--cacheDir",
             str(Path(tmp) / "cache"), "--pathModelParams", str(Path(tmp) / f"ana_amp_{amp}"),
             "--amp" if amp else "--no-amp", *FULL_METHOD]
-    result = ana_trainer.run(build_main_parser().parse_args(argv), config)
+    result = ana_trainer.run(ana_trainer.resolve_settings(build_main_parser().parse_args(argv), config))
     best = json.loads((Path(result["run_dir"]) / "results.json").read_text())[-1]["epoch"]
     return {**{k: result["test"][k] for k in KEYS["ana"]}, "best_epoch": best}
 

@@ -38,6 +38,7 @@ small part of an epoch (data loading hidden behind compute).
 Prints an environment line and one table (stdout); ``main()`` returns the numbers as a dict.
 """
 import argparse
+import logging
 import math
 import os
 import platform
@@ -58,10 +59,10 @@ from datasets.ana import CachedTileDataset, build_tile_cache
 from datasets.samplers import InstanceSampler
 from datasets.synthetic_ana import generate_ana_demo
 from main import build_parser as build_main_parser
+from main import load_data, resolve_settings, weight_lr
 from models.backbones import RESNETS, build_resnet_classifier
 from models.sample_weights import InstanceWeights, init_weights
 from utils.ana.epoch import BatchPreprocessor, EpochSetup, bag_max, predict, train_epoch
-from utils.ana.train import load_splits, weight_lr
 from utils.device import resolve_device
 from utils.errors import exit_on_user_error
 from utils.precision import configure_backends, make_precision, maybe_compile, memory_format
@@ -178,9 +179,11 @@ class AnaMethod:
         self.loader = TimedLoader(seeded_loader(CachedTileDataset(cache), device, num_workers, args.seed, batch_size=batch_size,
                                                sampler=sampler))
         preprocess = BatchPreprocessor(config.MEAN, config.STD, device, memory_format=fast["memory_format"])
-        self.setup = EpochSetup(model, self.loader, sampler, optimizer, weights, tile_labels, targets, preprocess,
-                                fast["precision"], granularity=args.granularity, training_label=args.trainingLabel,
-                                sampling=args.sampling, resample_every=args.resampleEvery,
+        self.setup = EpochSetup(model=model, optimizer=optimizer, weights=weights, loader=self.loader,
+                                tile_labels=tile_labels, targets=targets, preprocess=preprocess, sampler=sampler,
+                                precision=fast["precision"], granularity=args.granularity,
+                                training_label=args.trainingLabel, sampling=args.sampling,
+                                resample_every=args.resampleEvery,
                                 reset_optimizer=args.resetOptimizer)
 
     def __call__(self, epoch):
@@ -299,11 +302,11 @@ def measure(args, arch, image_size, batch_size, n_train, device, tmp):
          "--trainBatchSize", str(batch_size), "--testBatchSize", str(batch_size),
          "--numWorkers", str(args.num_workers), "--lr", str(LR), "--weight_lr", str(LR),
          "--seed", str(args.seed), "--cacheDir", str(tmp / "cache"), *FULL_METHOD])
-    tiles, num_classes, _ = load_splits(ana_args, config)
+    tiles, num_classes = load_data(resolve_settings(ana_args, config), logging.getLogger("bench_ana"))
     caches = {split: build_tile_cache(tiles[split], image_size, tmp / "cache", args.num_workers, desc=split)
               for split in ("train", "test")}
 
-    # main.py's fast path (utils/ana/train.py), the same for both paths: precision, memory format
+    # main.py's fast path (main.build), the same for both paths: precision, memory format
     fast = {"precision": make_precision(device, args.amp), "memory_format": memory_format(device, args.channels_last)}
     configure_backends(device)
     model = build_resnet_classifier(arch, num_classes).to(device, memory_format=fast["memory_format"])

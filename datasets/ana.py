@@ -21,6 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from utils.checks import not_a_file
+from utils.distributed import DistInfo, barrier
 from utils.errors import UserError
 from utils.logger import progress
 
@@ -315,3 +316,66 @@ def describe(tiles):
     n_labels = tiles.bag_labels.sum(dim=1)
     return json.dumps({"bags": len(tiles.bags), "tiles": len(tiles),
                        "labels_per_bag": round(n_labels.mean().item(), 2) if len(n_labels) else 0})
+
+
+def keep_single_label(df, csv_path):
+    """Rows of ``df`` with exactly one label, and a log line per split saying what was dropped
+    (main_single.py: the reference main_single.py trained on single-label images only)."""
+    keep = df["labels"].map(len) == 1
+    notes = []
+    for split in SPLITS:
+        in_split = df["Split"] == split
+        dropped = int((in_split & ~keep).sum())
+        notes.append(f"{csv_path} {split}: kept {int((in_split & keep).sum())} single-label rows, "
+                     f"dropped {dropped} with more than one label")
+    return df[keep].reset_index(drop=True), notes
+
+
+def load_splits(sources, tile_size, *, num_classes=None, bag_column=None, single_label=False,
+                allow_overlap=False):
+    """Read and validate the annotations and plan the tiles of each split (decodes nothing).
+
+    ``sources``: ``{"train": (csv, image_dir), "test": (csv, image_dir)}``; the train and val
+    rows are read from the first, the test rows from the second (the same CSV is read once).
+    ``num_classes`` None: inferred from the CSV. ``single_label``: keep only rows with exactly
+    one label. Returns ``(tiles, num_classes, notes)``: a TileSet per split and lines for the
+    run's log.
+    """
+    (ann_train, dir_train), (ann_test, dir_test) = sources["train"], sources["test"]
+    ann_train, ann_test = Path(ann_train), Path(ann_test)
+    df_train, num_classes = read_annotations(ann_train, num_classes, bag_column)
+    df_test = df_train if ann_test == ann_train else read_annotations(ann_test, num_classes, bag_column)[0]
+    notes = []
+    if single_label:
+        df_train, notes = keep_single_label(df_train, ann_train)
+        if ann_test == ann_train:
+            df_test = df_train
+        else:
+            df_test, test_notes = keep_single_label(df_test, ann_test)
+            notes = notes[:2] + test_notes[2:]
+    splits = (("train", df_train, dir_train, ann_train), ("val", df_train, dir_train, ann_train),
+              ("test", df_test, dir_test, ann_test))
+    notes += check_split_overlap([(split, df[df["Split"] == split], image_dir, csv)
+                                  for split, df, image_dir, csv in splits], allow_overlap=allow_overlap)
+    tiles = {split: build_tileset(df, split, image_dir, num_classes, tile_size, bag_column, csv,
+                                  what="single-label rows" if single_label else "rows")
+             for split, df, image_dir, csv in splits}
+    return tiles, num_classes, notes
+
+
+def missing_tile_caches(tiles, image_size, cache_dir):
+    """Whether any split's tile cache file is missing (a complete, read-only cache needs no write)."""
+    return not all((Path(cache_dir) / tile_cache_key(ts, image_size)).is_file() for ts in tiles.values())
+
+
+def build_tile_caches(tiles, image_size, cache_dir, *, num_workers=0, info=None):
+    """The tile cache file of every split; under torchrun the main process (``info``, see
+    utils/distributed.py) decodes the tiles and the other processes then reuse its cache."""
+    info = info or DistInfo()
+    caches = {}
+    for first in (True, False):
+        if first == info.is_main:
+            caches = {split: build_tile_cache(ts, image_size, cache_dir, num_workers, desc=split)
+                      for split, ts in tiles.items()}
+        barrier(info)
+    return caches

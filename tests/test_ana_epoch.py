@@ -4,7 +4,7 @@ import torch
 
 from models.losses_ana import weighted_bce_loss
 from models.sample_weights import InstanceWeights
-from utils.ana.epoch import BatchPreprocessor, train_one_epoch
+from utils.ana.epoch import BatchPreprocessor, EpochSetup, train_one_epoch
 from utils.errors import UserError
 
 LABELS = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0]])  # tiles 2 and 3: no label
@@ -19,11 +19,17 @@ def _setup(seed=0):
     return model, x, weights, preprocess
 
 
+def _epoch_setup(model, loader, optimizer, weights, preprocess, **options):
+    """One epoch's EpochSetup on the hand-made labels (``targets``: a fresh copy unless given)."""
+    targets = options.pop("targets", None)
+    return EpochSetup(model=model, optimizer=optimizer, weights=weights, loader=loader, tile_labels=LABELS,
+                      targets=LABELS.clone() if targets is None else targets, preprocess=preprocess,
+                      granularity="label", training_label="real", **options)
+
+
 def _run(model, loader, weights, preprocess, targets=None):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    targets = LABELS.clone() if targets is None else targets
-    return train_one_epoch(model, loader, optimizer, weights, LABELS, targets, preprocess,
-                           granularity="label", training_label="real")
+    return train_one_epoch(_epoch_setup(model, loader, optimizer, weights, preprocess, targets=targets))
 
 
 def test_all_zero_label_batches_are_skipped():
@@ -76,8 +82,7 @@ def test_float16_loss_scaling_leaves_the_network_and_weight_steps_unchanged():
         weights.step = lambda rows, grad, valid=None: (seen.append(grad.clone()), step(rows, grad, valid))  # record
         torch.manual_seed(7)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        train_one_epoch(model, [(x[idx], idx)], optimizer, weights, LABELS, LABELS.clone(), preprocess,
-                        granularity="label", training_label="real", precision=precision)
+        train_one_epoch(_epoch_setup(model, [(x[idx], idx)], optimizer, weights, preprocess, precision=precision))
         results.append((model[1].weight.detach().clone(), weights.alpha.clone(), seen[0]))
     (w32, a32, g32), (w16, a16, g16) = results
     torch.testing.assert_close(g16, g32, atol=1e-3, rtol=1e-2)
@@ -92,8 +97,7 @@ def test_end_epoch_resets_the_network_adam_only_when_the_reference_did(update_lr
     model, x, weights, preprocess = _setup()
     weights = InstanceWeights(LABELS * 0.5, LABELS, lr=0.1, update_lr=update_lr)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
-    train_one_epoch(model, [(x[:2], torch.tensor([0, 1]))], optimizer, weights, LABELS, LABELS.clone(), preprocess,
-                    granularity="label", training_label="real")
+    train_one_epoch(_epoch_setup(model, [(x[:2], torch.tensor([0, 1]))], optimizer, weights, preprocess))
     assert optimizer.state
     assert end_epoch(weights, LABELS.clone(), optimizer, reset_optimizer=reset) is (update_lr == "ulr-adaptive")
     assert (not optimizer.state) is cleared

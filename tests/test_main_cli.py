@@ -18,6 +18,7 @@ Runs are kept to 1-2 epochs of a resnet18 on 32 px tiles (see ``ana_args`` in co
 import argparse
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -33,7 +34,7 @@ from PIL import Image
 import config
 import main
 from conftest import cpu_argv
-from utils.ana.train import load_splits
+from utils.checkpoint import save_checkpoint
 from utils.metrics import multilabel_metrics
 
 # The full model of the paper. A small network lr keeps the tiny network's probabilities away
@@ -276,11 +277,17 @@ def test_full_run_test_tile_predictions(full_run):
     np.testing.assert_allclose(bag.loc[pred.index].to_numpy(), pred[prob_cols].to_numpy(), atol=1e-6)
 
 
+def _planned_tiles(args):
+    """The tiles main.py plans for the run whose args.json holds ``args``."""
+    settings = main.resolve_settings(argparse.Namespace(**args), config)
+    return main.load_data(settings, logging.getLogger("test_main_cli"))[0]
+
+
 def test_full_run_instance_weights(full_run):
     # one row per positive (training tile, class) pair: the weight in use, the image's labels, the last target
     run_dir, data, args = full_run["run_dir"], full_run["data"], full_run["args"]
     state = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
-    tiles, _, _ = load_splits(argparse.Namespace(**args), config)
+    tiles = _planned_tiles(args)
     train = tiles["train"]
     frame = pd.read_csv(run_dir / "instance_weights_last.csv", dtype={"bag_labels": str})
     assert list(frame.columns) == ["path", "tile", "left", "top", "class", "weight", "bag_labels", "target"]
@@ -332,7 +339,7 @@ def test_full_run_last_checkpoint(full_run):
     optimizer.load_state_dict(state["optimizer"])
     # ulr-adaptive: the network's Adam restarts after every epoch, as the reference rebuilt it
     assert not optimizer.state, "the network's Adam state was not reset after the ulr-adaptive epoch"
-    assert isinstance(state["early_stopping"], dict) and state["rng"]
+    assert isinstance(state["early_stopping"], dict) and state["rng_state"] and "rng" not in state
 
     # Training tiles: every train image gives (w // tile) * (h // tile) tiles with its labels.
     ann = _read_csv(data / "annotations.csv")
@@ -347,7 +354,7 @@ def test_full_run_last_checkpoint(full_run):
     assert targets.shape == (n_tiles, NUM_CLASSES)
 
     # The tile order is the one the code plans; check it against the CSV, then the weights.
-    tiles, _, _ = load_splits(argparse.Namespace(**args), config)
+    tiles = _planned_tiles(args)
     tile_labels = tiles["train"].tile_labels
     expected = np.repeat(_multi_hot(train["TARGET"]), per_image, axis=0)
     assert sorted(map(tuple, tile_labels.int().tolist())) == sorted(map(tuple, expected.tolist()))
@@ -456,6 +463,22 @@ def test_resume_continues_exactly(ana_args, tmp_path):
     assert resumed["best"] == pytest.approx(straight["best"])
     for key in METRIC_KEYS:
         assert resumed["val"][key] == pytest.approx(straight["val"][key], abs=1e-6), key
+
+
+def test_resume_reads_the_random_state_of_an_older_checkpoint(ana_args, tmp_path):
+    # last.pt files written before the key was renamed hold the random state under "rng"
+    main.main(ana_args(*FULL_MODEL, "--epoch", "2", run="A"))
+    main.main(ana_args(*FULL_MODEL, "--epoch", "1", run="B"))
+    state = torch.load(tmp_path / "B" / "last.pt", map_location="cpu", weights_only=True)
+    state = {("rng" if key == "rng_state" else key): value for key, value in state.items()}
+    save_checkpoint(state, tmp_path / "B" / "last.pt")
+    main.main(ana_args(*FULL_MODEL, "--epoch", "2", "--loadModel", run="B"))
+    a = torch.load(tmp_path / "A" / "last.pt", map_location="cpu", weights_only=True)
+    b = torch.load(tmp_path / "B" / "last.pt", map_location="cpu", weights_only=True)
+    assert b["epoch"] == 2 and "rng_state" in b and "rng" not in b
+    assert torch.equal(a["targets"], b["targets"]) and torch.equal(a["sampler_weights"], b["sampler_weights"])
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
 
 
 def test_resume_keeps_the_weights_optimiser_state(ana_args, tmp_path):

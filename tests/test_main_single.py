@@ -9,8 +9,8 @@
 - the reference specifics (pseudo-label targets, sampler refreshed every second epoch) are the
   defaults, a flag turns each off, and a resumed run continues exactly.
 """
-import argparse
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -24,7 +24,7 @@ import config_single
 import main
 import main_single
 from conftest import cpu_argv
-from utils.ana.train import load_splits
+from datasets.ana import load_splits
 from utils.metrics import singlelabel_metrics
 
 NUM_CLASSES = 4  # the tiny dataset of conftest.py
@@ -63,17 +63,17 @@ def _single_counts(df):
     return {split: int((single & (df["Split"] == split)).sum()) for split in ("train", "val", "test")}
 
 
-def _split_args(data, **extra):
-    args = {"annFile": str(data / "annotations.csv"), "imageDir": str(data / "images"), "numClasses": NUM_CLASSES,
-            "bagColumn": None, "tileSize": 128}
-    return argparse.Namespace(**{**args, **extra})
+def _load(data, cfg):
+    """datasets.ana.load_splits as a run of ``cfg`` calls it, on ``data``'s CSV and images."""
+    sources = dict.fromkeys(("train", "test"), (data / "annotations.csv", data / "images"))
+    return load_splits(sources, 128, num_classes=NUM_CLASSES, single_label=cfg.SINGLE_LABEL)
 
 
 # ------------------------------------------------------------------------------ 1. filtering
 
 def test_single_label_config_keeps_only_one_label_rows(mixed_data):
     data, df = mixed_data
-    tiles, num_classes, notes = load_splits(_split_args(data), config_single)
+    tiles, num_classes, notes = _load(data, config_single)
     expected = _single_counts(df)
     assert num_classes == NUM_CLASSES
     for split, ts in tiles.items():
@@ -89,7 +89,7 @@ def test_single_label_config_keeps_only_one_label_rows(mixed_data):
 
 def test_multi_label_config_keeps_every_row(mixed_data):
     data, df = mixed_data
-    tiles, _, notes = load_splits(_split_args(data), config)
+    tiles, _, notes = _load(data, config)
     assert notes == []
     for split, ts in tiles.items():
         assert len(ts.bags) == int((df["Split"] == split).sum())
@@ -321,7 +321,7 @@ def test_image_level_val_chooses_the_best_models(mixed_dirs, tmp_path):
     main_single.main(argv)
     records = json.loads((tmp_path / "run" / "results.json").read_text())
     args = main_single.build_parser().parse_args(argv)
-    val = load_splits(args, config_single)[0]["val"]
+    val = main.load_data(main.resolve_settings(args, config_single), logging.getLogger("test_main_single"))[0]["val"]
     loader = torch.utils.data.DataLoader(CachedTileDataset(build_tile_cache(val, 32, cache)), batch_size=16)
     preprocess = BatchPreprocessor(config_single.MEAN, config_single.STD, torch.device("cpu"))
     epoch = max(r["epoch"] for r in records if "mAP" in r["improved"])

@@ -183,8 +183,9 @@ def _our_run(x, labels, batches, net, *, granularity, update_lr, training_label,
                               update_lr=update_lr, grouping=defaults.weightGroups, weight_decay=weight_decay,
                               optimizer=defaults.weightOptimizer)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay, betas=BETAS)
-    setup = EpochSetup(net, None, _GivenOrder(), optimizer, weights, tile_labels, targets, _Identity(),
-                       granularity=granularity, training_label=training_label, reset_optimizer=defaults.resetOptimizer)
+    setup = EpochSetup(model=net, optimizer=optimizer, weights=weights, loader=None, tile_labels=tile_labels,
+                       targets=targets, preprocess=_Identity(), sampler=_GivenOrder(), granularity=granularity,
+                       training_label=training_label, reset_optimizer=defaults.resetOptimizer)
     groups = [weights.group.clone()]  # the grouping each epoch trains with
     for epoch, epoch_batches in enumerate(batches, start=1):
         setup.loader = [(x[idx], idx) for idx in epoch_batches]

@@ -36,7 +36,6 @@ import main
 import pick_particles
 import preprocess_cryoem
 import train_pu_selective_fixmatch as cryo_entry
-import utils.ana.train as ana_train
 import utils.cryoem.train as cryo_trainer
 import utils.run as run_frame
 from conftest import cpu_argv, expect_error_line
@@ -202,8 +201,8 @@ def test_output_location_that_cannot_be_a_folder(name, kind, ana_args, tmp_path,
 def test_a_complete_tile_cache_need_not_be_writable(ana_done, tiny_ana_master, shared, tmp_path, monkeypatch):
     """A shared read-only cache that holds every tile needs no write: only a missing file asks for one."""
     checked = []
-    original = ana_train.check_output_dir
-    for module in (ana_train, run_frame):  # the run directory is checked by utils/run.py, the cache by the run
+    original = main.check_output_dir
+    for module in (main, run_frame):  # the run directory is checked by utils/run.py, the cache by main.run
         monkeypatch.setattr(module, "check_output_dir", lambda path, flag: checked.append(flag) or original(path, flag))
     main.main(cpu_argv(tiny_ana_master, tmp_path / "run", shared / "cache", "--epoch", "1"))
     assert checked == ["--pathModelParams"]
@@ -529,7 +528,7 @@ def _resume_argv(line, script):
 
 def test_ctrl_c_in_ana_says_where_and_how_to_resume(ana_args, tmp_path, capsys, monkeypatch):
     argv = ana_args("--epoch", "2")
-    original = _interrupt_in_epoch(monkeypatch, ana_train, 2, name="train_epoch")
+    original = _interrupt_in_epoch(monkeypatch, main, 2, name="train_epoch")
     line = _interrupted_line(capsys, main, argv)
     last = tmp_path / "run" / "last.pt"
     assert f"after epoch 1 of 2 (saved in {last}); to resume: " in line, line
@@ -537,7 +536,7 @@ def test_ctrl_c_in_ana_says_where_and_how_to_resume(ana_args, tmp_path, capsys, 
     assert not (tmp_path / "run" / LOCK_NAME).exists()
     resume = _resume_argv(line, "main.py")
     assert resume == argv + ["--loadModel"]
-    monkeypatch.setattr(ana_train, "train_epoch", original)
+    monkeypatch.setattr(main, "train_epoch", original)
     result = main.main(resume)
     assert torch.load(last, weights_only=True)["epoch"] == 2 and result["best"]
 

@@ -34,22 +34,28 @@ class BatchPreprocessor:
         return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EpochSetup:
-    """What one ANA training epoch needs (built once by the run, see :func:`train_epoch`).
+    """What one ANA training epoch needs, built once by the run (main.py's ``build``).
 
-    ``model`` is the network as trained (DDP or compiled wrapper); ``targets`` receives the
-    targets used; ``sampler_probs`` holds the sampler's current probabilities, recomputed every
-    ``resample_every`` epochs (and saved in checkpoints).
+    ``model`` is the network as trained (DDP or compiled wrapper); ``optimizer`` the network's
+    Adam; ``weights`` the instance weights (:class:`models.sample_weights.InstanceWeights`);
+    ``loader`` yields ``(uint8 tiles, tile indices)``; ``tile_labels`` [T, C] are each tile's
+    bag labels and ``targets`` [T, C] receives the targets used (pseudo/soft labels);
+    ``preprocess`` a :class:`BatchPreprocessor`. ``sampler`` (an
+    :class:`datasets.samplers.InstanceSampler`, needed by :func:`train_epoch`) draws the tiles;
+    ``sampler_probs`` holds its current probabilities, recomputed every ``resample_every``
+    epochs (and saved in checkpoints). ``precision`` (:func:`utils.precision.make_precision`,
+    default float32); ``dist_info`` (:mod:`utils.distributed`, default one process).
     """
     model: torch.nn.Module
-    loader: object
-    sampler: object
     optimizer: torch.optim.Optimizer
     weights: object
+    loader: object
     tile_labels: torch.Tensor
     targets: torch.Tensor
     preprocess: object
+    sampler: object = None
     precision: object = None
     granularity: str = "label"
     training_label: str = "real"
@@ -80,21 +86,19 @@ def train_epoch(setup, epoch):
         raise UserError(ALL_ZERO_ERROR)
     setup.sampler.set_epoch(epoch)
     setup.sampler.set_weights(setup.sampler_probs if setup.sampling else None)
-    stats = train_one_epoch(setup.model, setup.loader, setup.optimizer, setup.weights, setup.tile_labels,
-                            setup.targets, setup.preprocess, granularity=setup.granularity,
-                            training_label=setup.training_label, desc=f"epoch {epoch} train",
-                            precision=setup.precision, dist_info=setup.dist_info)
+    stats = train_one_epoch(setup, desc=f"epoch {epoch} train")
     stats["restarted"] = end_epoch(setup.weights, setup.targets, setup.optimizer, setup.reset_optimizer)
     stats["all_zero"] = all_zero
     return stats
 
 
-def train_one_epoch(model, loader, optimizer, weights, tile_labels, targets, preprocess, *,
-                    granularity, training_label, desc="train", precision=None, dist_info=None):
-    """Train one epoch; update ``weights`` and the stored per-tile ``targets`` in place.
+def train_one_epoch(setup, *, desc="train"):
+    """Train one epoch over ``setup.loader`` (an :class:`EpochSetup`); update ``setup.weights``
+    and the stored per-tile ``setup.targets`` in place.
 
     ``tile_labels`` [T, C] are the bag labels of each tile; ``targets`` [T, C] receives the
     targets actually used (pseudo/soft labels), which drive the ``ulr-adaptive`` groups.
+    The loss is that of ``granularity`` on the targets of ``training_label``.
     A batch whose tiles have no label at all is skipped (the reference's ``label.sum() == 0``).
     ``precision`` (:func:`utils.precision.make_precision`, default float32): the network's
     forward runs under autocast, the loss (with the instance weights) in float32.
@@ -112,7 +116,9 @@ def train_one_epoch(model, loader, optimizer, weights, tile_labels, targets, pre
     one-process steps.
     Returns averaged numbers: loss per image, images seen, steps, skipped batches, images/s.
     """
-    precision = precision or make_precision(preprocess.device, enabled=False)
+    model, loader, optimizer, weights = setup.model, setup.loader, setup.optimizer, setup.weights
+    tile_labels, targets, preprocess, dist_info = setup.tile_labels, setup.targets, setup.preprocess, setup.dist_info
+    precision = setup.precision or make_precision(preprocess.device, enabled=False)
     scaler = precision.scaler
     distributed = dist_info is not None and dist_info.enabled
     model.train()
@@ -130,10 +136,10 @@ def train_one_epoch(model, loader, optimizer, weights, tile_labels, targets, pre
         idx = idx.to(device, non_blocking=True)
         x = preprocess(x, train=True)
         alpha = weights.gather(idx)
-        target = make_targets(tile_labels[idx], alpha, training_label)
+        target = make_targets(tile_labels[idx], alpha, setup.training_label)
         with precision.autocast():
             logits = model(x)
-        loss = weighted_bce_loss(logits.float(), target, alpha, granularity)
+        loss = weighted_bce_loss(logits.float(), target, alpha, setup.granularity)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         # float16: the weights' gradient is scaled like the network's; unscale it by hand
