@@ -42,15 +42,14 @@ Why the two can differ: in a crop, every convolution of the trunk pads ITS input
 at the crop's edge (the image at the first layer, the feature maps deeper down); densely,
 those positions hold real pixels and real features. A ResNet unit's receptive field is larger
 than a patch, so a classifier trained on bare patches leans on that zero border, and its
-dense map differs a lot (EMPIAR-10017, 64 px patches: correlation 0.57 with the crop map). A
-model trained with ``context`` (pixels of real surroundings around the classified window,
+dense map differs a lot from its crop map (figures: benchmarks/README.md, "Context and dense
+picking"). A model trained with ``context`` (pixels of real surroundings around the classified window,
 see ``FixMatchPUModel``) pools only the window's features, and what matters is how many
 cells of the LAST feature map (stride 32) lie between the window and the padded edge: the
 3 x 3 convolutions of ``layer4`` carry the zero padding of that map one cell inwards per
-convolution. Measured on EMPIAR-10017 with trained ResNet-18s (64 px window, a 2048 x 2048
-test micrograph, map stride 32): context 32 (one cell) gives map correlation 0.77 and mean /
-largest difference 0.049 / 0.66; context 64 (two cells) gives correlation 0.99 and 0.0065 /
-0.28, and the same average precision for both maps (README, "Context and dense picking").
+convolution. On EMPIAR-10017 with trained ResNet-18s (64 px window) one cell of context (32 px)
+leaves the maps far apart, two cells (64 px) make them agree to about 0.01 with the same average
+precision (benchmarks/README.md, "Context and dense picking"; README, "Context and dense picking").
 Blanking the outer context at training time does not help (tried): the gap comes from the
 padded feature maps, not from the pixels beyond the context. With a trunk whose receptive
 field stays inside its own block the two maps are equal to float precision (tested).

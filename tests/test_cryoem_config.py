@@ -32,7 +32,7 @@ def cli(**given):
 
 def test_defaults_are_the_seed_values():
     cfg = default_config()
-    assert cfg["loss"]["prior"] == "auto"  # the seed's 0.3 overrode the data's estimate (README, Config)
+    assert cfg["loss"]["prior"] == "auto"  # a fixed 0.3 would override the data's estimate (README, CryoEM "Config")
     assert cfg["loss"]["consistency_threshold"] == 0.95
     assert cfg["loss"]["lambda_consistency"] == 1.0
     assert cfg["loss"]["lambda_entropy"] == 0.01

@@ -494,7 +494,7 @@ def test_a_configured_prior_far_from_the_datas_is_a_loud_warning(tmp_path):
 
 
 def test_auto_prior_without_a_prior_in_the_data_uses_the_documented_default(tmp_path):
-    # the seed's layout: preprocessed_data.pt with patches and a metadata dict that has no prior
+    # data written by another tool: preprocessed_data.pt with patches and a metadata dict that has no prior
     data = generate_cryoem_demo(tmp_path / "data", n_pos=40, n_unl=160, n_val=0, n_test=0, patch_size=32,
                                 prior=0.1, seed=2)
     obj = torch.load(data / "preprocessed_data.pt", weights_only=True)

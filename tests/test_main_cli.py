@@ -11,7 +11,7 @@ What they pin down (README, ANA "Outputs"):
   accident;
 - every bad input ends with exit code 2, one ``error: ...`` line naming the culprit, no
   traceback, and nothing already written is lost;
-- the CLI defaults of the seed README, and pre-tiled CSVs (``--bagColumn``).
+- the CLI defaults the README documents (the reference code's), and pre-tiled CSVs (``--bagColumn``).
 
 Runs are kept to 1-2 epochs of a resnet18 on 32 px tiles (see ``ana_args`` in conftest.py).
 """
@@ -791,7 +791,7 @@ def test_argparse_rejects_invalid_values(flag, value, ana_args, capsys):
 
 def test_parser_defaults():
     args = main.build_parser().parse_args([])
-    # the seed README's defaults
+    # the defaults of the documented CLI (the reference code's README)
     assert args.lr == 5e-3 and args.weight_lr == 5e-3
     assert args.epoch == 200 and args.trainBatchSize == 32 and args.testBatchSize == 32
     # the reference rebuilt the network's Adam with the weights' after every ulr-adaptive epoch

@@ -27,8 +27,8 @@ from utils.errors import UserError
 from utils.picking.peaks import find_peaks
 
 
-# Default largest tile side (px of the downsampled micrograph) for the dense trunk: ResNet-18 on a
-# 4096 x 4096 micrograph at downsampling 1 then peaks below 2 GiB on the CPU (README, "Memory").
+# Default largest tile side (px of the downsampled micrograph) for the dense trunk; its peak memory
+# against other tile sizes: benchmarks/README.md, "Picking memory" (why tiles: README, "Memory").
 DEFAULT_TILE = 3072
 # Candidates are kept down to this score (or the threshold, when lower), for re-thresholding.
 DEFAULT_FLOOR = 0.01
