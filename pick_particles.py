@@ -13,26 +13,27 @@ micrographs' pixels whatever downsampling the model was trained with (--invert-y
 an image flipped upside down). The threshold defaults to the one training chose (auto); change it
 later without the network: python rethreshold_picks.py --picks picks --threshold 0.3.
 """
+from __future__ import annotations
+
 import argparse
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from datasets.micrographs import PIXEL_SIZE_TOLERANCE, list_micrographs, read_micrograph, resolve_pixel_size
 from models.dense import DENSE_CONTEXT, MODES
-from utils.checks import check_output_dir, float_arg, int_arg
+from utils.checks import float_arg, int_arg
 from utils.device import resolve_device
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
-from utils.interrupt import rerun_line
-from utils.logger import close_run_logger, progress, setup_run_logger
-from utils.picking.outputs import (Staging, flip_y, log_removed_staging, micrograph_entries, text_histogram,
-                                   write_overlays, write_picks, write_summary_files)
-from utils.picking.picker import (DEFAULT_FLOOR, DEFAULT_TILE, check_micrographs, load_picker, pick_micrograph,
-                                  resolve_settings, resolve_threshold, window_size)
-from utils.run_lock import RunLock
+from utils.logger import progress
+from utils.picking.outputs import (PickStaging, flip_y, micrograph_entries, text_histogram, write_overlays,
+                                   write_picks, write_summary_files)
+from utils.picking.picker import (DEFAULT_FLOOR, DEFAULT_TILE, PickSettings, ThresholdChoice, check_micrographs,
+                                  load_picker, pick_micrograph, resolve_settings, resolve_threshold, window_size)
+from utils.run import claim_run_dir, run_frame
 
 
 def threshold_value(text):
@@ -111,15 +112,31 @@ def build_parser():
     return p
 
 
+@dataclass(frozen=True)
+class PickJob:
+    """What a picking run works with once its inputs are checked: the network and its checkpoint,
+    how to pick (:class:`~utils.picking.picker.PickSettings`, the threshold's
+    :class:`~utils.picking.picker.ThresholdChoice`), the micrographs (``paths`` and their
+    :class:`~utils.picking.outputs.MicrographEntry`), and the particle ``radius`` (overlays),
+    ``box_size`` (BOX files) and ``pixel_size`` (STAR files, None when unknown)."""
+    model: object
+    ckpt: dict
+    device: object
+    settings: PickSettings
+    choice: ThresholdChoice
+    paths: list
+    entries: list
+    radius: float
+    box_size: int
+    pixel_size: float | None = None
+
+
 @exit_on_user_error
 def main(argv=None):
     args = build_parser().parse_args(argv)
     out = Path(args.output_dir)
-    folders = [out, out / "box"] + ([out / "overlays"] if args.overlay else [])
-    for folder in folders:
-        check_output_dir(folder, "--output-dir")
-    lock = RunLock(out, hint="or choose another --output-dir")
-    lock.check()
+    folders = [out / "box"] + ([out / "overlays"] if args.overlay else [])
+    lock = claim_run_dir(out, "--output-dir", hint="or choose another --output-dir", folders=folders)
     device = resolve_device(args.device)
     model, ckpt = load_picker(args.checkpoint, device, args.model)
     choice = resolve_threshold(ckpt, args.checkpoint, args.threshold)
@@ -133,38 +150,24 @@ def main(argv=None):
                             f"data none), or --min-distance in px")
         box_from_A = args.particle_diameter_A / pixel_size
         min_distance = min_distance if min_distance is not None else box_from_A / 2
-    settings = resolve_settings(ckpt, args.checkpoint, choice.value, min_distance, args.downsample,
-                                args.normalize, args.stride, args.mode, args.batch_size, args.refine,
-                                args.tile_size or None, args.score_floor, args.tta)
+    settings = resolve_settings(ckpt, args.checkpoint, choice.value, min_distance=min_distance,
+                                downsample=args.downsample, normalization=args.normalize, stride=args.stride,
+                                mode=args.mode, batch_size=args.batch_size, refine=args.refine,
+                                max_tile=args.tile_size or None, floor=args.score_floor, tta=args.tta)
     # every micrograph's header (readable, large enough) before anything is written
     sizes = check_micrographs(paths, settings, window_size(ckpt))
     entries = micrograph_entries(paths, sizes)
     radius = float((ckpt.get("data_metadata") or {}).get("particle_radius", settings.min_distance))
     if box_from_A is not None:
         radius = box_from_A / 2
-    box_size = args.box_size or round(2 * radius)
-    out.mkdir(parents=True, exist_ok=True)
-    lock.acquire()
-    try:
-        with Staging(out) as staging:
-            logger = setup_run_logger("pick_particles", staging.out_dir / "picking.log")
-            try:
-                lock.tidy(logger, [f for f in folders[1:] if f.is_dir()])
-                log_removed_staging(staging, logger)
-                if pixel_note:
-                    logger.info(pixel_note)
-                return _pick(args, model, ckpt, device, settings, choice, paths, entries, radius, box_size,
-                             staging, logger, pixel_size)
-            except UserError as exc:
-                logger.error("error: " + " ".join(str(exc).split()), extra={"file_only": True})
-                raise
-            except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP: the line the terminal shows
-                logger.error("interrupted: " + rerun_line(exc, __file__, argv), extra={"file_only": True})
-                raise
-            finally:
-                close_run_logger(logger)
-    finally:
-        lock.release()
+    job = PickJob(model=model, ckpt=ckpt, device=device, settings=settings, choice=choice, paths=paths,
+                  entries=entries, radius=radius, box_size=args.box_size or round(2 * radius), pixel_size=pixel_size)
+    staging = PickStaging(out)
+    with run_frame(out, lock, "picking.log", name="pick_particles", folders=folders, staging=staging,
+                   rerun=(__file__, argv)) as logger:
+        if pixel_note:
+            logger.info(pixel_note)
+        return _pick(args, job, staging, logger)
 
 
 def picking_pixel_size(paths, given, ckpt, path, downsample=None):
@@ -188,10 +191,11 @@ def picking_pixel_size(paths, given, ckpt, path, downsample=None):
     return mine, f"pixel size {mine:g} A/px (from {source})"
 
 
-def _pick(args, model, ckpt, device, settings, choice, paths, entries, radius, box_size, staging, logger,
-          pixel_size=None):
-    """Pick every micrograph into ``staging``, then install the files; return picking.json's dict."""
+def _pick(args, job, staging, logger):
+    """Pick every micrograph of ``job`` (a :class:`PickJob`) into ``staging``, then install the
+    files; return picking.json's dict."""
     out = args.output_dir
+    settings, ckpt, device, paths, entries = job.settings, job.ckpt, job.device, job.paths, job.entries
     logger.info(f"{args.checkpoint}: backbone {ckpt['backbone']}, patch {settings.patch_size} px, downsample "
                 f"{settings.downsample:g}, {settings.mode} map at stride {settings.stride}"
                 + (f" in tiles of at most {settings.max_tile} px" if settings.max_tile else "")
@@ -211,7 +215,7 @@ def _pick(args, model, ckpt, device, settings, choice, paths, entries, radius, b
         if array.shape != (entry.height, entry.width):
             raise UserError(f"{path}: decoded as {array.shape[1]}x{array.shape[0]} px, but its header says "
                             f"{entry.width}x{entry.height}")
-        candidates, _, timing = pick_micrograph(model, array, settings, device, name=entry.path)
+        candidates, _, timing = pick_micrograph(job.model, array, settings, device, name=entry.path)
         seconds = time.perf_counter() - t0
         per_mic[entry.key] = {**asdict(entry), "abspath": str(Path(path).resolve()), "n_candidates": len(candidates),
                               "seconds": seconds, **timing}
@@ -222,19 +226,19 @@ def _pick(args, model, ckpt, device, settings, choice, paths, entries, radius, b
         candidates = flip_y(candidates, {e.key: e.height for e in entries})
     # numbers as candidates.star stores them (6 decimals): re-thresholding that file gives the same files
     candidates[["x", "y", "score"]] = candidates[["x", "y", "score"]].round(6)
-    threshold, rule = choice.apply(candidates["score"], [e.height * e.width for e in entries], settings.floor)
+    threshold, rule = job.choice.apply(candidates["score"], [e.height * e.width for e in entries], settings.floor)
     logger.info(f"threshold {threshold:.4g} ({rule})")
-    picks, counts = write_picks(staging, out, candidates, threshold, entries, box_size, pixel_size)
+    picks, counts = write_picks(staging, out, candidates, threshold, entries, job.box_size, job.pixel_size)
     for key, n in counts.items():
         per_mic[key]["n_picks"] = n
     if args.overlay:
         write_overlays(staging, entries, {k: m["abspath"] for k, m in per_mic.items()}, candidates, threshold,
-                       radius, args.invert_y)
+                       job.radius, args.invert_y)
     total = sum(m["seconds"] for m in per_mic.values())
     summary = {"checkpoint": str(args.checkpoint), "settings": asdict(settings), "threshold": threshold,
-               "threshold_rule": rule, "score_floor": settings.candidate_floor, "box_size": box_size,
-               "invert_y": bool(args.invert_y), "overlays": bool(args.overlay), "particle_radius": radius,
-               "pixel_size": pixel_size,
+               "threshold_rule": rule, "score_floor": settings.candidate_floor, "box_size": job.box_size,
+               "invert_y": bool(args.invert_y), "overlays": bool(args.overlay), "particle_radius": job.radius,
+               "pixel_size": job.pixel_size,
                "device": str(device), "n_micrographs": len(paths), "n_picks": len(picks),
                "n_candidates": len(candidates), "seconds_per_micrograph": total / len(paths), "micrographs": per_mic}
     write_summary_files(staging, candidates, threshold, summary)

@@ -13,11 +13,34 @@ the log says which columns were used. Writes preprocessed_data.pt (or chunk_*.pt
 test.pt from held-out micrographs, labelled_positives.csv and preprocess.json; the prior
 estimate goes into the metadata, where ``loss.prior: auto`` finds it. See
 datasets/cryoem_preprocess.py for the frames and the definitions.
+
+The run (:func:`run_preprocess`) holds --output-dir for its whole length (utils/run.py,
+:func:`~utils.run.run_frame`): everything is written to a temporary folder inside it first and
+moved into place at the end, so an error (bad input found late) or Ctrl-C leaves an earlier
+preprocessing untouched.
 """
-from datasets.cryoem_preprocess import DTYPES, NORMALIZATIONS, PreprocessOptions, run_preprocess
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from datasets.cryoem_preprocess import (DATA_FILES, DTYPES, NORMALIZATIONS, ChunkWriter, PreprocessOptions,
+                                        class_prior, crops_at, data_metadata, existing_data, labelled_subset,
+                                        micrograph_roles, prepare_micrograph, resolve_particle_radius, to_downsampled,
+                                        window_geometry)
+from datasets.cryoem_preprocess import logger as data_logger
+from datasets.micrographs import (check_coordinates, drop_duplicate_coordinates, list_micrographs, micrograph_key,
+                                  micrograph_shape, read_coordinates, read_micrograph, write_csv)
+from utils.checkpoint import save_checkpoint
 from utils.checks import SEED_MAX, float_arg, int_arg
-from utils.errors import ArgumentParser, exit_on_user_error
+from utils.errors import ArgumentParser, UserError, exit_on_user_error
+from utils.io import to_json_safe, write_json
 from utils.logger import close_run_logger, setup_run_logger
+from utils.run import Staging, claim_run_dir, run_frame
 
 
 def build_parser():
@@ -95,10 +118,130 @@ def main(argv=None):
         particle_diameter_A=args.particle_diameter_A, pixel_size=args.pixel_size)
     logger = setup_run_logger("preprocess_cryoem", None)
     try:
-        return run_preprocess(args.micrographs, args.coordinates, args.output_dir, opts, logger,
+        return run_preprocess(args.micrographs, args.coordinates, args.output_dir, opts, logger=logger,
                               overwrite=args.overwrite)
     finally:
         close_run_logger(logger)
+
+
+class PreprocessStaging(Staging):
+    """The :class:`utils.run.Staging` of a preprocessing: ``.preprocess-*``; installing replaces
+    the data files of the previous preprocessing (``chunk_*.pt`` and ``DATA_FILES``), removing
+    those this run does not write."""
+    prefix = ".preprocess-"
+
+    def remove_stale(self):
+        for old in self.out_dir.glob(self.prefix + "*"):  # left by a killed run (we hold the lock: not a live one)
+            shutil.rmtree(old, ignore_errors=True)
+            self.removed.append(old)
+
+    def log_removed(self, logger):
+        for old in self.removed:
+            logger.info("removed %s, left by an interrupted preprocessing", old)
+
+    def install(self):
+        for old in list(self.out_dir.glob("chunk_*.pt")) + [self.out_dir / n for n in DATA_FILES]:
+            if old.exists() and not (self.tmp / old.name).exists():
+                old.unlink()
+        for new in sorted(self.tmp.iterdir()):
+            os.replace(new, self.out_dir / new.name)
+
+
+def run_preprocess(micrograph_inputs, coordinates_path, out_dir, opts, *, logger=None, overwrite=False):
+    """Write the training files for ``micrograph_inputs`` + ``coordinates_path`` into ``out_dir``
+    (datasets/cryoem_preprocess.py says what they hold); ``opts``: a
+    :class:`~datasets.cryoem_preprocess.PreprocessOptions`.
+
+    Returns the summary that is also written to ``preprocess.json``. Everything is written to
+    a temporary folder inside ``out_dir`` first and moved into place at the end
+    (:class:`PreprocessStaging`), so an error (bad input found late) leaves an earlier
+    preprocessing untouched.
+    """
+    log = logger or data_logger
+    paths = list_micrographs(micrograph_inputs)
+    opts, pixel_size = resolve_particle_radius(opts, paths, coordinates_path, log)
+    opts.check()
+    out_dir = Path(out_dir)
+    lock = claim_run_dir(out_dir, "--output-dir", hint="or choose another --output-dir")
+    if existing_data(out_dir) and not overwrite:
+        raise UserError(f"{out_dir} already holds preprocessed data ({', '.join(existing_data(out_dir)[:3])}); "
+                        f"pass --overwrite to replace it or choose another --output-dir")
+    roles = micrograph_roles(paths, opts)
+    coords, info = read_coordinates(coordinates_path)
+    log.info(info)
+
+    # headers only: the micrograph sizes fix the frames, the windows and the prior before any
+    # pixel is decoded (an unreadable file found later still leaves out_dir untouched)
+    sizes = {micrograph_key(p.name): micrograph_shape(p) for p in paths}
+    coords = drop_duplicate_coordinates(check_coordinates(coords, sizes, str(coordinates_path), log),
+                                        str(coordinates_path), log)
+    by_key = {k: g[["x", "y"]].to_numpy(np.float64) for k, g in coords.groupby("key", sort=False)}
+    full = opts.patch_size + 2 * opts.context  # stored patch: the window and its context on every side
+    geometry = window_geometry(paths, sizes, by_key, opts)
+    prior = class_prior(opts, [geometry[k] for k in geometry if roles[k] == "train"],
+                        [sizes[k] for k in sizes if roles[k] == "train"])
+    metadata = data_metadata(opts, prior, pixel_size, coordinates_path, paths, roles)
+
+    rng = np.random.default_rng(opts.seed)
+    dtype = DTYPES[opts.dtype]
+    staging = PreprocessStaging(out_dir)
+    with run_frame(out_dir, lock, None, logger=log, staging=staging):
+        tmp = staging.tmp
+        writer = ChunkWriter(tmp, opts.chunk_size, dtype, metadata)
+        held = {"val": {"patches": [], "labels": []}, "test": {"patches": [], "labels": []}}
+        per_mic, labelled_rows = {}, []
+        for path in paths:
+            key = micrograph_key(path.name)
+            h, w, scale, centres, dist = geometry[key]
+            image, _ = prepare_micrograph(read_micrograph(path), opts.downsample, opts.normalization)
+            if tuple(image.shape) != (h, w):
+                raise UserError(f"{path}: decoded as {image.shape[1]}x{image.shape[0]} px after downsampling, but its "
+                                f"header says {w}x{h}")
+            xy = by_key.get(key, np.zeros((0, 2)))
+            particle_rc = np.rint(to_downsampled(xy, scale)[:, ::-1]).astype(np.int64)
+            role = roles[key]
+            stats = {"role": role, "size": [int(sizes[key][1]), int(sizes[key][0])], "n_annotated": len(xy)}
+            if role == "train":
+                keep = labelled_subset(len(xy), opts, rng)
+                writer.add(crops_at(image, particle_rc[keep], full), crops_at(image, centres, full))
+                for x, y in xy[keep]:
+                    labelled_rows.append((path.name, float(x), float(y)))
+                stats.update(n_labelled=len(keep), n_unlabeled=len(centres))
+                if len(xy) == 0:
+                    log.warning("%s: no annotated particle in %s: it gives unlabelled patches only",
+                                path, coordinates_path)
+            else:
+                neg = centres[dist > opts.particle_radius]
+                patches = torch.cat([crops_at(image, particle_rc, full), crops_at(image, neg, full)])
+                held[role]["patches"].append(patches.to("cpu", dtype))
+                held[role]["labels"].append(torch.cat([torch.ones(len(particle_rc)), torch.zeros(len(neg))]))
+                stats.update(n_positive=len(particle_rc), n_negative=len(neg))
+                if len(xy) == 0:
+                    log.warning("%s is held out for %s but has no annotated particle in %s: all its patches are "
+                                "labelled 0", path, role, coordinates_path)
+            per_mic[path.name] = stats
+            log.info("%s (%s): %s", path.name, role, ", ".join(f"{k} {v}" for k, v in stats.items() if k != "role"))
+            del image
+
+        if writer.n_pos == 0:
+            raise UserError(f"no labelled positive: no annotated particle of {coordinates_path} lies on a training "
+                            f"micrograph")
+        files = writer.finish()
+        for role, parts in held.items():
+            if parts["patches"]:
+                save_checkpoint({"patches": torch.cat(parts["patches"]), "labels": torch.cat(parts["labels"])},
+                                tmp / f"{role}.pt")
+        write_csv(tmp / "labelled_positives.csv",
+                  pd.DataFrame(labelled_rows, columns=["micrograph", "x", "y"]).assign(score=np.nan))
+        summary = {"metadata": metadata, "micrographs": per_mic,
+                   "n_positive": writer.n_pos, "n_unlabeled": writer.n_unl,
+                   "files": [p.name for p in files] + [f"{r}.pt" for r in held if held[r]["patches"]],
+                   "options": to_json_safe(asdict(opts))}
+        write_json(tmp / "preprocess.json", summary)
+        staging.install()
+    log.info("wrote %s to %s: %d labelled positives, %d unlabelled patches, prior %.4f (%s)",
+             ", ".join(summary["files"]), out_dir, writer.n_pos, writer.n_unl, prior, metadata["prior_method"])
+    return summary
 
 
 if __name__ == "__main__":

@@ -16,14 +16,11 @@ import math
 from pathlib import Path
 
 from datasets.micrographs import micrograph_shape, read_coordinates
-from utils.checks import check_output_dir, float_arg
+from utils.checks import float_arg
 from utils.errors import ArgumentParser, UserError, exit_on_user_error
-from utils.interrupt import rerun_line
-from utils.logger import close_run_logger, setup_run_logger
-from utils.picking.outputs import (CANDIDATES_NAME, SUMMARY_NAME, Staging, entries_from_summary,
-                                   log_removed_staging, text_histogram, write_overlays, write_picks,
-                                   write_summary_files)
-from utils.run_lock import RunLock
+from utils.picking.outputs import (CANDIDATES_NAME, SUMMARY_NAME, PickStaging, entries_from_summary, text_histogram,
+                                   write_overlays, write_picks, write_summary_files)
+from utils.run import claim_run_dir, run_frame
 
 
 def build_parser():
@@ -85,39 +82,28 @@ def main(argv=None):
         for source in sources.values():
             micrograph_shape(source)
     out = args.output_dir if args.output_dir is not None else args.picks
-    check_output_dir(out, "--output-dir" if args.output_dir is not None else "--picks")
-    lock = RunLock(out, hint="or choose another --output-dir")
-    Path(out).mkdir(parents=True, exist_ok=True)
-    with lock, Staging(out) as staging:
-        logger = setup_run_logger("rethreshold_picks", staging.out_dir / "picking.log")
-        try:
-            lock.tidy(logger)
-            log_removed_staging(staging, logger)
-            picks, counts = write_picks(staging, out, candidates, args.threshold, entries, summary["box_size"],
-                                        summary.get("pixel_size"))
-            if overlay:
-                write_overlays(staging, entries, sources, candidates, args.threshold, summary["particle_radius"],
-                               summary["invert_y"])
-            micrographs = {k: {**m, "n_picks": counts[k]} for k, m in summary["micrographs"].items()}
-            new = {**summary, "threshold": float(args.threshold), "overlays": bool(overlay),
-                   "threshold_rule": f"rethreshold_picks.py (was {summary['threshold']:.4g}: "
-                                     f"{summary.get('threshold_rule', '?')})",
-                   "n_picks": len(picks), "micrographs": micrographs}
-            new.pop("files", None)
-            write_summary_files(staging, candidates, args.threshold, new)
-            logger.info(f"{args.picks}: threshold {summary['threshold']:.4g} -> {args.threshold:.4g}: {len(picks)} "
-                        f"of {len(candidates)} candidates -> {out}")
-            for line in text_histogram(candidates["score"], args.threshold):
-                logger.info(f"scores {line}")
-            staging.install()
-        except UserError as exc:
-            logger.error("error: " + " ".join(str(exc).split()), extra={"file_only": True})
-            raise
-        except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP: the line the terminal shows
-            logger.error("interrupted: " + rerun_line(exc, __file__, argv), extra={"file_only": True})
-            raise
-        finally:
-            close_run_logger(logger)
+    lock = claim_run_dir(out, "--output-dir" if args.output_dir is not None else "--picks",
+                         hint="or choose another --output-dir")
+    staging = PickStaging(out)
+    with run_frame(out, lock, "picking.log", name="rethreshold_picks", staging=staging,
+                   rerun=(__file__, argv)) as logger:
+        picks, counts = write_picks(staging, out, candidates, args.threshold, entries, summary["box_size"],
+                                    summary.get("pixel_size"))
+        if overlay:
+            write_overlays(staging, entries, sources, candidates, args.threshold, summary["particle_radius"],
+                           summary["invert_y"])
+        micrographs = {k: {**m, "n_picks": counts[k]} for k, m in summary["micrographs"].items()}
+        new = {**summary, "threshold": float(args.threshold), "overlays": bool(overlay),
+               "threshold_rule": f"rethreshold_picks.py (was {summary['threshold']:.4g}: "
+                                 f"{summary.get('threshold_rule', '?')})",
+               "n_picks": len(picks), "micrographs": micrographs}
+        new.pop("files", None)
+        write_summary_files(staging, candidates, args.threshold, new)
+        logger.info(f"{args.picks}: threshold {summary['threshold']:.4g} -> {args.threshold:.4g}: {len(picks)} "
+                    f"of {len(candidates)} candidates -> {out}")
+        for line in text_histogram(candidates["score"], args.threshold):
+            logger.info(f"scores {line}")
+        staging.install()
     return json.loads((Path(out) / SUMMARY_NAME).read_text(encoding="utf-8"))
 
 

@@ -14,7 +14,8 @@ z-scoring) beyond the micrograph's edge; ``models/dense.py`` uses the same conve
 picked map cell maps back exactly. ``metadata.patch_size`` is the stored side, ``window_size``
 is ``P``.
 
-What is written (``run_preprocess``), from the training micrographs (all but val/test):
+What preprocess_cryoem.py (``run_preprocess``) writes with the functions of this module, from the
+training micrographs (all but val/test):
 
 * positives: patches centred on the LABELLED particles: a seeded random subset of each
   micrograph's annotated particles (``labelled_fraction`` of them, at least 1, or
@@ -44,29 +45,24 @@ import dataclasses
 import logging
 import math
 import os
-import shutil
-import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from scipy.spatial import cKDTree
 
-from datasets.micrographs import (check_coordinates, drop_duplicate_coordinates, list_micrographs, micrograph_key,
-                                  micrograph_shape, read_coordinates, read_micrograph, resolve_pixel_size, write_csv)
+from datasets.micrographs import micrograph_key, resolve_pixel_size
 from utils.checkpoint import save_checkpoint
-from utils.checks import check_output_dir
 from utils.errors import UserError
-from utils.io import to_json_safe, write_json
-from utils.run_lock import RunLock
+from utils.io import to_json_safe
 
 NORMALIZATIONS = ("zscore", "none")
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 FORMAT_VERSION = 1
 DATA_FILES = ("preprocessed_data.pt", "val.pt", "test.pt", "labelled_positives.csv", "preprocess.json")
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- image and frames
@@ -202,8 +198,31 @@ class PreprocessOptions:
         return self.positive_radius if self.positive_radius is not None else self.particle_radius / 2
 
 
-# ----------------------------------------------------------------------------- the run
-def _roles(paths, opts):
+# ----------------------------------------------------------------------------- the data of a run
+def resolve_particle_radius(opts, paths, coordinates_path, log=None):
+    """``(opts, pixel size or None)``: the pixel size of ``paths`` (``opts.pixel_size``, the MRC
+    headers or the STAR optics block of ``coordinates_path``), and ``opts`` with the particle radius
+    in px when it is given as a diameter in Angstrom; logs where the numbers came from."""
+    log = log or logger
+    pixel_size, pixel_source = resolve_pixel_size(paths, opts.pixel_size, coordinates_path, log)
+    if opts.particle_diameter_A is not None:
+        if not (math.isfinite(opts.particle_diameter_A) and opts.particle_diameter_A > 0):
+            raise UserError(f"--particle-diameter-A is {opts.particle_diameter_A!r}, expected a positive number of "
+                            f"Angstrom")
+        if pixel_size is None:
+            raise UserError(f"--particle-diameter-A {opts.particle_diameter_A:g} needs the pixel size, and neither the "
+                            f"micrographs (no MRC header with one) nor {coordinates_path} (no optics block) give it; "
+                            f"pass --pixel-size A/px, or --particle-radius in px")
+        opts = dataclasses.replace(opts, particle_radius=opts.particle_diameter_A / 2 / pixel_size)
+        log.info("particle radius %.2f px: diameter %g A / 2 / %g A/px (from %s)", opts.particle_radius,
+                 opts.particle_diameter_A, pixel_size, pixel_source)
+    elif pixel_size is not None:
+        log.info("pixel size %g A/px (from %s): particle diameter %.0f A", pixel_size, pixel_source,
+                 2 * opts.particle_radius * pixel_size if opts.particle_radius else float("nan"))
+    return opts, pixel_size
+
+
+def micrograph_roles(paths, opts):
     """Micrograph key -> 'train' / 'val' / 'test'; names given for val/test must exist."""
     keys = [micrograph_key(p.name) for p in paths]
     roles = dict.fromkeys(keys, "train")
@@ -222,7 +241,7 @@ def _roles(paths, opts):
     return roles
 
 
-def _labelled_subset(n, opts, rng):
+def labelled_subset(n, opts, rng):
     """Indices of the annotated particles kept as labelled positives on one micrograph."""
     if n == 0:
         return np.zeros(0, dtype=np.int64)
@@ -230,7 +249,7 @@ def _labelled_subset(n, opts, rng):
     return np.sort(rng.choice(n, size=min(k, n), replace=False))
 
 
-class _ChunkWriter:
+class ChunkWriter:
     """Collects patches and writes ``chunk_NNN.pt`` files of ``chunk_size`` patches, each with
     the run's ``metadata``; a single file becomes ``preprocessed_data.pt``."""
 
@@ -272,22 +291,34 @@ class _ChunkWriter:
         return self.files
 
 
-def _install(tmp, out_dir):
-    """Move the new files from ``tmp`` into ``out_dir``, replacing the previous preprocessing."""
-    for old in list(out_dir.glob("chunk_*.pt")) + [out_dir / n for n in DATA_FILES]:
-        if old.exists() and not (tmp / old.name).exists():
-            old.unlink()
-    for new in sorted(tmp.iterdir()):
-        os.replace(new, out_dir / new.name)
-
-
 def existing_data(out_dir):
     """Data files from an earlier preprocessing in ``out_dir`` (what ``--overwrite`` replaces)."""
     out_dir = Path(out_dir)
     return sorted(p.name for p in list(out_dir.glob("chunk_*.pt")) + [out_dir / n for n in DATA_FILES] if p.exists())
 
 
-def _prior(opts, train_geometry, train_sizes):
+def window_geometry(paths, sizes, by_key, opts):
+    """Micrograph key -> ``(h, w, scale, window centres, distance of each window centre to the
+    nearest particle)`` (module docstring), from the micrographs' ``sizes`` (key -> ``(H, W)``) and
+    their particles ``by_key`` (key -> ``[N, 2]`` x, y); UserError for a micrograph smaller than
+    the window."""
+    P = opts.patch_size
+    geometry = {}
+    for path in paths:
+        key = micrograph_key(path.name)
+        H, W = sizes[key]
+        h, w = downsampled_shape((H, W), opts.downsample)
+        if h < P or w < P:
+            raise UserError(f"{path}: {w}x{h} px after downsampling by {opts.downsample:g} is smaller than "
+                            f"--patch-size {P}")
+        scale = (W / w, H / h)
+        centres = window_centres(h, w, P, opts.stride)
+        dist = _nearest_distance(to_original(centres[:, ::-1], scale), by_key.get(key, np.zeros((0, 2))))
+        geometry[key] = (h, w, scale, centres, dist)
+    return geometry
+
+
+def class_prior(opts, train_geometry, train_sizes):
     """The class prior of the training micrographs (module docstring); UserError when it is unusable."""
     if opts.expected_particles is None:
         n_close = sum(int((g[4] <= opts.pos_radius).sum()) for g in train_geometry)
@@ -306,68 +337,12 @@ def _prior(opts, train_geometry, train_sizes):
     return prior
 
 
-def run_preprocess(micrograph_inputs, coordinates_path, out_dir, opts, logger=None, overwrite=False):
-    """Write the training files for ``micrograph_inputs`` + ``coordinates_path`` into ``out_dir``.
-
-    Returns the summary that is also written to ``preprocess.json``. Everything is written to
-    a temporary folder inside ``out_dir`` first and moved into place at the end, so an error
-    (bad input found late) leaves an earlier preprocessing untouched.
-    """
-    log = logger or logging.getLogger(__name__)
-    paths = list_micrographs(micrograph_inputs)
-    pixel_size, pixel_source = resolve_pixel_size(paths, opts.pixel_size, coordinates_path, log)
-    if opts.particle_diameter_A is not None:
-        if not (math.isfinite(opts.particle_diameter_A) and opts.particle_diameter_A > 0):
-            raise UserError(f"--particle-diameter-A is {opts.particle_diameter_A!r}, expected a positive number of "
-                            f"Angstrom")
-        if pixel_size is None:
-            raise UserError(f"--particle-diameter-A {opts.particle_diameter_A:g} needs the pixel size, and neither the "
-                            f"micrographs (no MRC header with one) nor {coordinates_path} (no optics block) give it; "
-                            f"pass --pixel-size A/px, or --particle-radius in px")
-        opts = dataclasses.replace(opts, particle_radius=opts.particle_diameter_A / 2 / pixel_size)
-        log.info("particle radius %.2f px: diameter %g A / 2 / %g A/px (from %s)", opts.particle_radius,
-                 opts.particle_diameter_A, pixel_size, pixel_source)
-    elif pixel_size is not None:
-        log.info("pixel size %g A/px (from %s): particle diameter %.0f A", pixel_size, pixel_source,
-                 2 * opts.particle_radius * pixel_size if opts.particle_radius else float("nan"))
-    opts.check()
-    out_dir = Path(out_dir)
-    check_output_dir(out_dir, "--output-dir")
-    lock = RunLock(out_dir, hint="or choose another --output-dir")
-    lock.check()
-    if existing_data(out_dir) and not overwrite:
-        raise UserError(f"{out_dir} already holds preprocessed data ({', '.join(existing_data(out_dir)[:3])}); "
-                        f"pass --overwrite to replace it or choose another --output-dir")
-    roles = _roles(paths, opts)
-    coords, info = read_coordinates(coordinates_path)
-    log.info(info)
-
-    # headers only: the micrograph sizes fix the frames, the windows and the prior before any
-    # pixel is decoded (an unreadable file found later still leaves out_dir untouched)
-    sizes = {micrograph_key(p.name): micrograph_shape(p) for p in paths}
-    coords = drop_duplicate_coordinates(check_coordinates(coords, sizes, str(coordinates_path), log),
-                                        str(coordinates_path), log)
-    by_key = {k: g[["x", "y"]].to_numpy(np.float64) for k, g in coords.groupby("key", sort=False)}
-    P = opts.patch_size
-    full = P + 2 * opts.context  # stored patch: the window and its context on every side
-    geometry = {}  # key -> (h, w, scale, window centres, distance of each window to the nearest particle)
-    for path in paths:
-        key = micrograph_key(path.name)
-        H, W = sizes[key]
-        h, w = downsampled_shape((H, W), opts.downsample)
-        if h < P or w < P:
-            raise UserError(f"{path}: {w}x{h} px after downsampling by {opts.downsample:g} is smaller than "
-                            f"--patch-size {P}")
-        scale = (W / w, H / h)
-        centres = window_centres(h, w, P, opts.stride)
-        dist = _nearest_distance(to_original(centres[:, ::-1], scale), by_key.get(key, np.zeros((0, 2))))
-        geometry[key] = (h, w, scale, centres, dist)
-    prior = _prior(opts, [geometry[k] for k in geometry if roles[k] == "train"],
-                   [sizes[k] for k in sizes if roles[k] == "train"])
-    metadata = to_json_safe({
+def data_metadata(opts, prior, pixel_size, coordinates_path, paths, roles):
+    """The ``metadata`` every data file carries (what training and picking read back)."""
+    return to_json_safe({
         "format_version": FORMAT_VERSION, "tool": "preprocess_cryoem.py",
-        "patch_size": full, "window_size": P, "context": opts.context, "stride": opts.stride,
-        "downsample": float(opts.downsample), "normalization": opts.normalization,
+        "patch_size": opts.patch_size + 2 * opts.context, "window_size": opts.patch_size, "context": opts.context,
+        "stride": opts.stride, "downsample": float(opts.downsample), "normalization": opts.normalization,
         "particle_radius": float(opts.particle_radius), "positive_radius": float(opts.pos_radius),
         "pixel_size": pixel_size, "particle_diameter_A": opts.particle_diameter_A,
         "prior": float(prior),
@@ -381,81 +356,3 @@ def run_preprocess(micrograph_inputs, coordinates_path, out_dir, opts, logger=No
         "val_micrographs": [p.name for p in paths if roles[micrograph_key(p.name)] == "val"],
         "test_micrographs": [p.name for p in paths if roles[micrograph_key(p.name)] == "test"],
     })
-
-    rng = np.random.default_rng(opts.seed)
-    dtype = DTYPES[opts.dtype]
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lock.acquire()
-    tmp = None
-    try:
-        lock.tidy(log)
-        for old in out_dir.glob(".preprocess-*"):  # left by a killed run (we hold the lock: not a live one)
-            shutil.rmtree(old, ignore_errors=True)
-            log.info("removed %s, left by an interrupted preprocessing", old)
-        tmp = Path(tempfile.mkdtemp(prefix=".preprocess-", dir=out_dir))
-        writer = _ChunkWriter(tmp, opts.chunk_size, dtype, metadata)
-        held = {"val": {"patches": [], "labels": []}, "test": {"patches": [], "labels": []}}
-        per_mic, labelled_rows = {}, []
-        for path in paths:
-            key = micrograph_key(path.name)
-            h, w, scale, centres, dist = geometry[key]
-            image, _ = prepare_micrograph(read_micrograph(path), opts.downsample, opts.normalization)
-            if tuple(image.shape) != (h, w):
-                raise UserError(f"{path}: decoded as {image.shape[1]}x{image.shape[0]} px after downsampling, but its "
-                                f"header says {w}x{h}")
-            xy = by_key.get(key, np.zeros((0, 2)))
-            particle_rc = np.rint(to_downsampled(xy, scale)[:, ::-1]).astype(np.int64)
-            role = roles[key]
-            stats = {"role": role, "size": [int(sizes[key][1]), int(sizes[key][0])], "n_annotated": len(xy)}
-            if role == "train":
-                keep = _labelled_subset(len(xy), opts, rng)
-                writer.add(crops_at(image, particle_rc[keep], full), crops_at(image, centres, full))
-                for x, y in xy[keep]:
-                    labelled_rows.append((path.name, float(x), float(y)))
-                stats.update(n_labelled=len(keep), n_unlabeled=len(centres))
-                if len(xy) == 0:
-                    log.warning("%s: no annotated particle in %s: it gives unlabelled patches only",
-                                path, coordinates_path)
-            else:
-                neg = centres[dist > opts.particle_radius]
-                patches = torch.cat([crops_at(image, particle_rc, full), crops_at(image, neg, full)])
-                held[role]["patches"].append(patches.to("cpu", dtype))
-                held[role]["labels"].append(torch.cat([torch.ones(len(particle_rc)), torch.zeros(len(neg))]))
-                stats.update(n_positive=len(particle_rc), n_negative=len(neg))
-                if len(xy) == 0:
-                    log.warning("%s is held out for %s but has no annotated particle in %s: all its patches are "
-                                "labelled 0", path, role, coordinates_path)
-            per_mic[path.name] = stats
-            log.info("%s (%s): %s", path.name, role, ", ".join(f"{k} {v}" for k, v in stats.items() if k != "role"))
-            del image
-
-        if writer.n_pos == 0:
-            raise UserError(f"no labelled positive: no annotated particle of {coordinates_path} lies on a training "
-                            f"micrograph")
-        files = writer.finish()
-        for role, parts in held.items():
-            if parts["patches"]:
-                save_checkpoint({"patches": torch.cat(parts["patches"]), "labels": torch.cat(parts["labels"])},
-                                tmp / f"{role}.pt")
-        write_csv(tmp / "labelled_positives.csv",
-                  pd.DataFrame(labelled_rows, columns=["micrograph", "x", "y"]).assign(score=np.nan))
-        summary = {"metadata": metadata, "micrographs": per_mic,
-                   "n_positive": writer.n_pos, "n_unlabeled": writer.n_unl,
-                   "files": [p.name for p in files] + [f"{r}.pt" for r in held if held[r]["patches"]],
-                   "options": to_json_safe(asdict(opts))}
-        write_json(tmp / "preprocess.json", summary)
-        _install(tmp, out_dir)
-    except UserError as exc:  # a full disk names the temporary folder's file: name its real place
-        if tmp is None or str(tmp) not in str(exc):
-            raise
-        raise UserError(str(exc).replace(str(tmp), str(out_dir))) from None
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        lock.release()
-        if created and not any(out_dir.iterdir()):  # a failed first run leaves no empty folder behind
-            out_dir.rmdir()
-    log.info("wrote %s to %s: %d labelled positives, %d unlabelled patches, prior %.4f (%s)",
-             ", ".join(summary["files"]), out_dir, writer.n_pos, writer.n_unl, prior, metadata["prior_method"])
-    return summary

@@ -46,6 +46,7 @@ Design
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -136,16 +137,32 @@ def _signal_scale(mol: dict, patch_size: int, snr: float, rng) -> float:
     return math.sqrt(snr / float(ref.var(axis=(1, 2)).mean()))
 
 
-def _render(labels: np.ndarray, mol: dict, patch_size: int, scale: float, rng, *,
-            jitter: float, p_offcentre: float, p_neighbour: float, group_size: int) -> np.ndarray:
-    """Standardised float16 patches [n, S, S]: label 1 = centred particle, 0 = background.
+@dataclass(frozen=True)
+class _Scene:
+    """What every patch of one dataset shares: the molecule, the patch side ``patch_size`` (S), the
+    signal ``scale`` (:func:`_signal_scale`), the centring ``jitter`` (px), the chances of an
+    off-centre particle in a background (``p_offcentre``) and of a neighbour beside a centred one
+    (``p_neighbour``), and ``group_size`` patches per CTF ("micrograph")."""
+    mol: dict
+    patch_size: int
+    scale: float
+    jitter: float = 2.0
+    p_offcentre: float = 0.6
+    p_neighbour: float = 0.3
+    group_size: int = 50
+
+
+def _render(labels: np.ndarray, scene: _Scene, rng) -> np.ndarray:
+    """Standardised float16 patches [n, S, S] of ``scene``: label 1 = centred particle, 0 = background.
 
     Rendered ``_BLOCK`` patches at a time (bounded memory; the block size is fixed, so the
     output depends on the seed only). Each patch is drawn and CTF-filtered on a 2S canvas and
     the centre cropped: particles cut by the patch border stay whole and the circular FFT
     wrap-around never reaches the crop.
     """
-    n, size, canvas, lo = len(labels), patch_size, 2 * patch_size, patch_size // 2
+    mol, scale, jitter, group_size = scene.mol, scene.scale, scene.jitter, scene.group_size
+    p_offcentre, p_neighbour = scene.p_offcentre, scene.p_neighbour
+    n, size, canvas, lo = len(labels), scene.patch_size, 2 * scene.patch_size, scene.patch_size // 2
     n_groups = max(1, -(-n // group_size))
     rings, env = _ctf_params(n_groups, rng)
     group = np.minimum(np.arange(n) // group_size, n_groups - 1)
@@ -205,7 +222,7 @@ def _chunk_bounds(n_pos: int, n_unl: int, chunk_size: int) -> list[tuple[int, in
     return bounds
 
 
-def generate_cryoem_demo(out_dir, n_pos=200, n_unl=1000, n_val=200, n_test=200, patch_size=64,
+def generate_cryoem_demo(out_dir, *, n_pos=200, n_unl=1000, n_val=200, n_test=200, patch_size=64,
                          prior=0.3, seed=0, chunk_size=None, snr=0.005, group_size=50) -> Path:
     """Write a synthetic PU cryo-EM dataset to ``out_dir`` and return ``out_dir``.
 
@@ -239,12 +256,13 @@ def generate_cryoem_demo(out_dir, n_pos=200, n_unl=1000, n_val=200, n_test=200, 
     mol = _make_molecule(patch_size, np.random.default_rng(mol_ss))
     snr_pixel = snr * (64.0 / patch_size) ** 2
     scale = _signal_scale(mol, patch_size, snr_pixel, np.random.default_rng(scale_ss))
-    opts = dict(jitter=2.0, p_offcentre=0.6, p_neighbour=0.3, group_size=group_size)
+    scene = _Scene(mol=mol, patch_size=patch_size, scale=scale, jitter=2.0, p_offcentre=0.6, p_neighbour=0.3,
+                   group_size=group_size)
 
     def make(n, ss, mix, both):
         rng = np.random.default_rng(ss)
         labels = _mixture_labels(n, prior, rng, both) if mix else np.ones(n, dtype=np.int64)
-        return torch.from_numpy(_render(labels, mol, patch_size, scale, rng, **opts)), labels
+        return torch.from_numpy(_render(labels, scene, rng)), labels
 
     positive, _ = make(n_pos, pos_ss, False, False)
     unlabeled, unl_labels = make(n_unl, unl_ss, True, False)

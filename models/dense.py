@@ -192,7 +192,7 @@ def symmetric_average(map_fn, image, stride):
 
 
 @torch.inference_mode()
-def probability_map(model, image, patch_size, stride=32, mode="dense", batch_size=256,
+def probability_map(model, image, patch_size, stride=32, mode="dense", batch_size=256, *,
                     trunk_stride=TRUNK_STRIDE, max_tile=None, dilate=True, tta=False):
     """Particle probabilities ``[ceil(h/stride), ceil(w/stride)]`` (float32, on the image's device).
 

@@ -9,9 +9,10 @@ import torch
 
 import preprocess_cryoem
 from datasets.cryoem_dataset_pu import load_pu_data
-from datasets.cryoem_preprocess import (PreprocessOptions, crops_at, prepare_micrograph, run_preprocess,
-                                        to_downsampled, to_original, window_centres)
+from datasets.cryoem_preprocess import (PreprocessOptions, crops_at, prepare_micrograph, to_downsampled, to_original,
+                                        window_centres)
 from datasets.micrographs import write_csv
+from preprocess_cryoem import run_preprocess
 from utils.errors import UserError
 
 

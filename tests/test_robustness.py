@@ -563,7 +563,6 @@ def test_ctrl_c_in_cryoem_after_an_epoch(cryo, tmp_path, capsys, monkeypatch):
 
 
 def test_ctrl_c_in_preprocessing_leaves_the_folder_as_it_was(mics, tmp_path, capsys, monkeypatch):
-    import datasets.cryoem_preprocess as prep
     out = tmp_path / "data"
     preprocess_cryoem.main(preprocess_argv(mics, out))
     before = tree(out)
@@ -571,7 +570,7 @@ def test_ctrl_c_in_preprocessing_leaves_the_folder_as_it_was(mics, tmp_path, cap
     def interrupted(path):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prep, "read_micrograph", interrupted)
+    monkeypatch.setattr(preprocess_cryoem, "read_micrograph", interrupted)
     line = _interrupted_line(capsys, preprocess_cryoem, preprocess_argv(mics, out, "--overwrite"))
     assert line.startswith("interrupted: stopped by Ctrl-C; to run it again: ") and "preprocess_cryoem.py" in line
     assert tree(out) == before  # no temporary folder, no lock file, the earlier data intact

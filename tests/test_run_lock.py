@@ -160,3 +160,124 @@ def test_without_record_locks_the_pid_in_the_record_decides(tmp_path, monkeypatc
     lock = RunLock(tmp_path)
     assert f"of pid {sleeper.pid} on host" in lock.acquire()  # its process has ended: stale
     lock.release()
+
+
+# ------------------------------------------------------------------------- utils/run.py: run_frame
+from types import SimpleNamespace  # noqa: E402
+
+from utils.interrupt import Interrupted  # noqa: E402
+from utils.run import Staging, claim_run_dir, run_frame  # noqa: E402
+
+
+def _files(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*")) if Path(folder).exists() else []
+
+
+def _log(folder, name="run.log"):
+    return [line.split(" ", 2)[2] for line in (Path(folder) / name).read_text().splitlines()]
+
+
+def test_claim_run_dir_refuses_a_held_folder_and_the_frame_writes_nothing(tmp_path, holder):
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = holder(out)
+    with pytest.raises(UserError, match=f"pid {proc.pid} on host .*or choose another --output-dir"):
+        claim_run_dir(out, "--output-dir", hint="or choose another --output-dir")
+    before = _files(out)
+    with pytest.raises(UserError, match=f"pid {proc.pid} on host"):
+        with run_frame(out, RunLock(out), "run.log", staging=Staging(out)):
+            raise AssertionError("the block must not run")
+    assert _files(out) == before == [LOCK_NAME]  # no log, no staging folder; the holder's lock intact
+    assert json.loads((out / LOCK_NAME).read_text())["pid"] == proc.pid
+
+
+def test_claim_run_dir_checks_the_sub_folders(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "box").write_text("a file where a folder goes")
+    with pytest.raises(UserError, match="--output-dir"):
+        claim_run_dir(out, "--output-dir", folders=[out / "box"])
+    claim_run_dir(out, "--output-dir")  # the folder itself is fine
+
+
+def test_the_frame_logs_the_header_and_what_a_killed_run_left(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    write_record(out)  # a stale lock
+    (out / ".stage-old").mkdir()  # a staging folder of a killed run
+    (out / ".x.abc.tmp").write_text("half written")  # a temporary file of a killed write
+    staging = Staging(out)
+    with run_frame(out, RunLock(out), "run.log", name="frame-test", header="header line", staging=staging) as log:
+        log.info("working")
+        staging.path("sub/result.txt").write_text("new")
+        assert staging.tmp.parent == out and staging.tmp.name.startswith(".stage-")
+        staging.install()
+    lines = _log(out)
+    assert lines[0] == "header line"
+    assert lines[1].startswith(f"took over the stale lock {out / LOCK_NAME}")
+    assert lines[2].startswith("removed 1 temporary file(s)") and ".x.abc.tmp" in lines[2]
+    assert lines[3:] == ["removed the temporary folder(s) of an interrupted run: .stage-old", "working"]
+    assert _files(out) == ["run.log", "sub", "sub/result.txt"]  # installed; no lock, no staging folder
+
+
+def test_a_user_error_is_logged_in_one_line_and_the_previous_files_stay(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "result.txt").write_text("previous run")
+    staging = Staging(out)
+    with pytest.raises(UserError) as info:
+        with run_frame(out, RunLock(out), "run.log", name="frame-test", staging=staging):
+            staging.path("result.txt").write_text("half of a new run")
+            raise UserError(f"{staging.tmp / 'result.txt'}: no space left\non device")
+    assert str(info.value) == f"{out / 'result.txt'}: no space left\non device"  # its real place
+    assert _log(out) == [f"error: {staging.tmp / 'result.txt'}: no space left on device"]
+    assert "error:" not in capsys.readouterr().err  # the entry point prints it, once
+    assert _files(out) == ["result.txt", "run.log"] and (out / "result.txt").read_text() == "previous run"
+
+
+def test_ctrl_c_writes_the_interrupted_line_and_releases(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        with run_frame(out, RunLock(out), "run.log", name="frame-test", staging=Staging(out),
+                       rerun=("pick_particles.py", ["--output-dir", "out"])):
+            raise KeyboardInterrupt
+    line = _log(out)[-1]
+    assert line.startswith("interrupted: stopped by Ctrl-C; to run it again: ") and line.endswith(
+        "pick_particles.py --output-dir out")
+    assert _files(out) == ["run.log"]
+    RunLock(out).acquire()  # released
+
+
+def test_a_trainer_stop_is_raised_as_its_resume_line(tmp_path):
+    out = tmp_path / "out"
+    stop = Interrupted("stopped by Ctrl-C after epoch 3 of 9; to resume: python main.py --loadModel")
+    with pytest.raises(Interrupted) as info:
+        with run_frame(out, RunLock(out), "output.txt", resume=lambda exc: stop):
+            raise KeyboardInterrupt
+    assert info.value is stop
+    assert _log(out, "output.txt") == [f"interrupted: {stop}"]
+    assert not (out / LOCK_NAME).exists()
+
+
+def test_any_exception_releases_the_lock_and_a_new_empty_folder_goes(tmp_path):
+    out = tmp_path / "new"
+    lock = RunLock(out)
+    with pytest.raises(RuntimeError):
+        with run_frame(out, lock, None, staging=Staging(out)):  # no log file: the terminal only
+            assert (out / LOCK_NAME).exists()
+            raise RuntimeError("a bug")
+    assert not out.exists()  # created by the failed run, left empty: removed
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with pytest.raises(RuntimeError):
+        with run_frame(kept, RunLock(kept), None):
+            raise RuntimeError("a bug")
+    assert kept.is_dir() and _files(kept) == []  # it was there before: stays
+
+
+def test_other_processes_of_a_torchrun_write_nothing(tmp_path):
+    out = tmp_path / "out"
+    info = SimpleNamespace(enabled=False, is_main=False, rank=1, world_size=2)
+    with run_frame(out, RunLock(out), "run.log", info=info, header="header") as log:
+        log.info("not written")
+    assert not out.exists()

@@ -221,11 +221,10 @@ def _without_log(files):
 
 
 def test_sigterm_in_preprocessing_leaves_the_folder_as_it_was(mics, tmp_path, capsys, monkeypatch):
-    import datasets.cryoem_preprocess as prep
     out = tmp_path / "data"
     preprocess_cryoem.main(preprocess_argv(mics, out))
     before = tree(out)
-    _signal_inside(monkeypatch, prep, "read_micrograph", signal.SIGTERM)
+    _signal_inside(monkeypatch, preprocess_cryoem, "read_micrograph", signal.SIGTERM)
     _stopped_in_process(capsys, preprocess_cryoem, preprocess_argv(mics, out, "--overwrite"), 143, "SIGTERM",
                         "preprocess_cryoem.py")
     assert tree(out) == before  # no temporary folder, no lock file, the earlier data intact

@@ -22,15 +22,13 @@ whose image was exported flipped in y (JPG/PNG from some tools). Overlays are al
 image's own frame.
 
 Everything of one run is written to a temporary folder inside ``OUT`` and moved into place at the
-end (:class:`Staging`): a run that fails leaves the files of the previous run as they were; a
+end (:class:`PickStaging`): a run that fails leaves the files of the previous run as they were; a
 run that succeeds replaces them, and removes the previous run's files it does not rewrite.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
@@ -40,10 +38,9 @@ import starfile
 
 from datasets.micrographs import micrograph_key, read_micrograph, write_box, write_csv, write_star
 from utils.figures import histogram_image, save_png
-from utils.errors import UserError
-from utils.io import atomic_write
-from utils.io import write_json
+from utils.io import atomic_write, write_json
 from utils.picking.picker import overlay_image
+from utils.run import Staging
 
 INDEX_NAME = "autopick.star"
 CANDIDATES_NAME = "candidates.star"
@@ -118,65 +115,15 @@ def text_histogram(scores, threshold, bins=10, width=40):
     return lines
 
 
-class Staging:
-    """A temporary folder inside ``out_dir`` for one run's files, installed all at once.
+class PickStaging(Staging):
+    """The :class:`utils.run.Staging` of a picking folder: ``.pick-*``; the files the previous run
+    listed in its ``picking.json`` and did not rewrite are removed, and ``picking.json`` is installed
+    last (until it is replaced, it describes the files of the previous run)."""
+    prefix = STAGING_PREFIX
+    last = SUMMARY_NAME
 
-    ``path(name)`` gives the staged location of an output (parents created); ``install()`` moves
-    every staged file to its place in ``out_dir`` (replacing what is there) and removes the files
-    the previous run listed in its ``picking.json`` that this run did not write; the temporary folder
-    is removed on exit in every case, so an error leaves ``out_dir`` as it was.
-
-    Enter it only while holding ``out_dir``'s run lock (utils/run_lock.py): it first deletes the
-    temporary folders a killed run left (their names in ``removed``, for the log).
-    """
-
-    def __init__(self, out_dir):
-        self.out_dir = Path(out_dir)
-        self.tmp = None
-        self.removed = []
-
-    def __enter__(self):
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in sorted(self.out_dir.glob(STAGING_PREFIX + "*")):
-            if stale.is_dir() and not stale.is_symlink():
-                shutil.rmtree(stale, ignore_errors=True)
-                self.removed.append(stale.name)
-        self.tmp = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.out_dir))
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        if isinstance(exc, UserError) and str(self.tmp) in str(exc):  # a full disk: name the file's real place
-            raise UserError(str(exc).replace(str(self.tmp), str(self.out_dir))) from None
-        return False
-
-    def path(self, name):
-        target = self.tmp / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        return target
-
-    def files(self):
-        return sorted(p.relative_to(self.tmp).as_posix() for p in self.tmp.rglob("*") if p.is_file())
-
-    def install(self):
-        new = self.files()
-        old = previous_files(self.out_dir)
-        for name in sorted(set(old) - set(new)):
-            stale = self.out_dir / name
-            if stale.is_file() and self.out_dir.resolve() in stale.resolve().parents:
-                stale.unlink()
-        # picking.json last: until it is replaced, it describes the files of the previous run
-        for name in sorted(new, key=lambda n: n == SUMMARY_NAME):
-            target = self.out_dir / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self.tmp / name, target)
-        return new
-
-
-def log_removed_staging(staging, logger):
-    """Log the temporary folders of an interrupted run that ``staging`` removed, if any."""
-    if staging.removed:
-        logger.info(f"removed the temporary folder(s) of an interrupted run: {', '.join(staging.removed)}")
+    def previous_files(self):
+        return previous_files(self.out_dir)
 
 
 def previous_files(out_dir):

@@ -123,7 +123,7 @@ def resolve_threshold(ckpt, path, threshold):
     return ThresholdChoice(float(stored["value"]), rule)
 
 
-def resolve_settings(ckpt, path, threshold, min_distance=None, downsample=None, normalization=None, stride=32,
+def resolve_settings(ckpt, path, threshold, *, min_distance=None, downsample=None, normalization=None, stride=32,
                      mode="dense", batch_size=256, refine=True, max_tile=DEFAULT_TILE, floor=DEFAULT_FLOOR,
                      tta=False):
     """Fill what the flags leave open from the checkpoint's ``data_metadata``; UserError naming the flag.
