@@ -163,8 +163,8 @@ BAD_VALUES = [
     ("loss", "prior", "true", "loss.prior must be a number in (0, 1) or 'auto'"),
     ("loss", "prior", "auto2", "loss.prior must be a number in (0, 1) or 'auto'"),
     ("loss", "consistency_threshold", "true",
-     "loss.consistency_threshold must be a number in [0, 1], got true"),
-    ("training", "learning_rate", "false", "training.learning_rate must be a number > 0, got false"),
+     "loss.consistency_threshold must be a finite number in [0, 1], got true"),
+    ("training", "learning_rate", "false", "training.learning_rate must be a finite number > 0, got false"),
     ("training", "batch_size", "true", "training.batch_size must be an integer >= 1, got true"),
     ("training", "epochs", "10.0", "training.epochs must be an integer >= 1, got 10.0"),
     ("training", "epochs", "'10'", "training.epochs must be an integer >= 1, got '10'"),
@@ -193,18 +193,18 @@ BAD_VALUES = [
     ("loss", "prior", "0", "loss.prior must be a number in (0, 1)"),
     ("loss", "prior", "1", "loss.prior must be a number in (0, 1)"),
     ("loss", "prior", ".nan", "loss.prior must be a number in (0, 1)"),
-    ("loss", "consistency_threshold", "1.01", "loss.consistency_threshold must be a number in [0, 1]"),
-    ("loss", "consistency_threshold", "-0.1", "loss.consistency_threshold must be a number in [0, 1]"),
-    ("loss", "lambda_consistency", "-1", "loss.lambda_consistency must be a number >= 0, got -1"),
-    ("loss", "lambda_entropy", "-0.01", "loss.lambda_entropy must be a number >= 0"),
-    ("loss", "lambda_entropy", ".inf", "loss.lambda_entropy must be a number >= 0, got inf"),
-    ("loss", "nnpu_beta", "-0.1", "loss.nnpu_beta must be a number >= 0"),
-    ("loss", "nnpu_gamma", "1.5", "loss.nnpu_gamma must be a number in [0, 1]"),
-    ("model", "ema_decay", "1.0", "model.ema_decay must be a number in [0, 1), got 1.0"),
-    ("model", "ema_decay", "-0.5", "model.ema_decay must be a number in [0, 1)"),
-    ("model", "dropout", "1", "model.dropout must be a number in [0, 1), got 1"),
-    ("training", "learning_rate", "0", "training.learning_rate must be a number > 0, got 0"),
-    ("training", "weight_decay", "-1e-4", "training.weight_decay must be a number >= 0"),
+    ("loss", "consistency_threshold", "1.01", "loss.consistency_threshold must be a finite number in [0, 1]"),
+    ("loss", "consistency_threshold", "-0.1", "loss.consistency_threshold must be a finite number in [0, 1]"),
+    ("loss", "lambda_consistency", "-1", "loss.lambda_consistency must be a finite number >= 0, got -1"),
+    ("loss", "lambda_entropy", "-0.01", "loss.lambda_entropy must be a finite number >= 0"),
+    ("loss", "lambda_entropy", ".inf", "loss.lambda_entropy must be a finite number >= 0, got inf"),
+    ("loss", "nnpu_beta", "-0.1", "loss.nnpu_beta must be a finite number >= 0"),
+    ("loss", "nnpu_gamma", "1.5", "loss.nnpu_gamma must be a finite number in [0, 1]"),
+    ("model", "ema_decay", "1.0", "model.ema_decay must be a finite number in [0, 1), got 1.0"),
+    ("model", "ema_decay", "-0.5", "model.ema_decay must be a finite number in [0, 1)"),
+    ("model", "dropout", "1", "model.dropout must be a finite number in [0, 1), got 1"),
+    ("training", "learning_rate", "0", "training.learning_rate must be a finite number > 0, got 0"),
+    ("training", "weight_decay", "-1e-4", "training.weight_decay must be a finite number >= 0"),
     ("training", "epochs", "0", "training.epochs must be an integer >= 1, got 0"),
     ("training", "batch_size", "0", "training.batch_size must be an integer >= 1, got 0"),
     ("training", "early_stopping_patience", "-1",
@@ -212,11 +212,11 @@ BAD_VALUES = [
     ("training", "rampup_epochs", "-1", "training.rampup_epochs must be an integer >= 0"),
     ("training", "entropy_start_epoch", "-2", "training.entropy_start_epoch must be an integer >= 0"),
     ("training", "entropy_rampup_epochs", "2.5", "training.entropy_rampup_epochs must be an integer"),
-    ("training", "grad_clip", "-1", "training.grad_clip must be a number >= 0, got -1"),
-    ("training", "min_lr", "-1", "training.min_lr must be a number >= 0"),
+    ("training", "grad_clip", "-1", "training.grad_clip must be a finite number >= 0, got -1"),
+    ("training", "min_lr", "-1", "training.min_lr must be a finite number >= 0"),
     ("training", "seed", "-1", "training.seed must be an integer in [0, 4294967295]"),
-    ("data", "val_fraction", "1.0", "data.val_fraction must be a number in [0, 1), got 1.0"),
-    ("data", "test_fraction", "-0.1", "data.test_fraction must be a number in [0, 1)"),
+    ("data", "val_fraction", "1.0", "data.val_fraction must be a finite number in [0, 1), got 1.0"),
+    ("data", "test_fraction", "-0.1", "data.test_fraction must be a finite number in [0, 1)"),
     ("data", "num_workers", "-1", "data.num_workers must be an integer >= 0, got -1"),
     ("data", "max_open_chunks", "0", "data.max_open_chunks must be an integer >= 1, got 0"),
 ]
@@ -414,7 +414,7 @@ FLOAT_KEYS = [("data", "val_fraction"), ("data", "test_fraction"), ("loss", "pri
 @pytest.mark.parametrize("section, key", FLOAT_KEYS, ids=[f"{s}.{k}" for s, k in FLOAT_KEYS])
 def test_every_float_key_refuses_non_finite_values(tmp_path, section, key, value):
     path = write(tmp_path, f"{section}:\n  {key}: {value}\n")
-    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}: {section}\.{key} must be a number"):
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}: {section}\.{key} must be a finite number"):
         load_config(path)
 
 
