@@ -33,7 +33,8 @@ import torch
 import yaml
 
 import train_pu_selective_fixmatch as entry
-import utils.cryoem.train as trainer
+import utils.cryoem.epoch as cryo_epoch
+from utils.cryoem.prior import prior_mismatch
 from conftest import expect_exit_2
 from datasets.cryoem_dataset_pu import load_pu_data
 from datasets.synthetic_cryoem import generate_cryoem_demo
@@ -294,7 +295,7 @@ def test_tensorboard_scalars(full_run):
 def test_resume_after_interruption_continues_exactly(full_run, tmp_path, monkeypatch):
     out = tmp_path / "out"
     argv = _argv(full_run["config"], full_run["data"], out, exp="B")
-    original = trainer.train_one_epoch
+    original = entry.train_one_epoch
     calls = []
 
     def interrupted(*args, **kwargs):
@@ -303,11 +304,11 @@ def test_resume_after_interruption_continues_exactly(full_run, tmp_path, monkeyp
             raise KeyboardInterrupt  # Ctrl-C during epoch 2, after last.pt of epoch 1 was written
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "train_one_epoch", interrupted)
+    monkeypatch.setattr(entry, "train_one_epoch", interrupted)
     with pytest.raises(SystemExit) as exc:  # Ctrl-C: one line and exit code 130 (test_robustness.py)
         entry.main(argv)
     assert exc.value.code == 130
-    monkeypatch.setattr(trainer, "train_one_epoch", original)
+    monkeypatch.setattr(entry, "train_one_epoch", original)
     run_dir = out / "B"
     assert _load(run_dir / "last.pt")["epoch"] == 1 and not (run_dir / "results.json").exists()
     log_before = (run_dir / "train.log").read_text()
@@ -415,8 +416,8 @@ def test_resume_without_a_run_is_an_error(full_run, tmp_path, capsys):
 
 def test_early_stopping_ends_the_run_and_resume_then_has_nothing_to_do(full_run, tmp_path, monkeypatch):
     # A constant val AUC improves in epoch 1 only: patience 1 stops after epoch 2 of 3.
-    original = trainer.binary_metrics
-    monkeypatch.setattr(trainer, "binary_metrics", lambda *a, **k: dict(original(*a, **k), auc=0.5))
+    original = cryo_epoch.binary_metrics
+    monkeypatch.setattr(cryo_epoch, "binary_metrics", lambda *a, **k: dict(original(*a, **k), auc=0.5))
     config = _write_config(tmp_path / "patience.yaml", training={"early_stopping_patience": 1})
     out = tmp_path / "out"
     argv = _argv(config, full_run["data"], out, exp="es", epochs=3)
@@ -489,8 +490,8 @@ def test_a_configured_prior_far_from_the_datas_is_a_loud_warning(tmp_path):
     log = (tmp_path / "out" / "far" / "train.log").read_text()
     assert "WARNING: loss.prior 0.3 is 6.0x off the prior the data" in log and "(0.05)" in log
     assert "set loss.prior: auto" in log
-    assert trainer._prior_mismatch(0.1, SimpleNamespace(metadata={"prior": 0.05}, files=[])) is None  # 2x: quiet
-    assert trainer._prior_mismatch(0.024, SimpleNamespace(metadata={"prior": 0.05}, files=[])) is not None
+    assert prior_mismatch(0.1, SimpleNamespace(metadata={"prior": 0.05}, files=[])) is None  # 2x: quiet
+    assert prior_mismatch(0.024, SimpleNamespace(metadata={"prior": 0.05}, files=[])) is not None
 
 
 def test_auto_prior_without_a_prior_in_the_data_uses_the_documented_default(tmp_path):
