@@ -34,11 +34,12 @@ import yaml
 
 import train_pu_selective_fixmatch as entry
 import utils.cryoem.epoch as cryo_epoch
-from utils.cryoem.prior import prior_mismatch
 from conftest import expect_exit_2
 from datasets.cryoem_dataset_pu import load_pu_data
 from datasets.synthetic_cryoem import generate_cryoem_demo
 from models.fixmatch_pu import EMATeacher, FixMatchPUModel
+from utils.cryoem.config import load_config, value_at
+from utils.cryoem.prior import prior_mismatch
 from utils.metrics import binary_metrics
 
 # Every loss term is active in the second epoch (0-based epoch index 1): consistency ramp 1
@@ -603,11 +604,13 @@ def test_bad_exp_name_and_missing_config(full_run, tmp_path, capsys):
 # ------------------------------------------------------------------------ 4. argument parsing
 
 def test_parser_defaults_and_help(capsys):
-    args = entry.build_parser().parse_args([])
+    path = entry.resolve_config_path(entry.DEFAULT_CONFIG)
+    args = entry.build_parser(path).parse_args([])
     assert args.config == "configs/pu_selective_fixmatch.yaml" and args.output_dir == "experiments"
     assert args.resume is False and args.exp_name is None
-    for name in ("data_dir", "batch_size", "epochs", "seed", "device", "num_workers"):
-        assert getattr(args, name) is None, name  # None = the config's value
+    cfg = load_config(path)
+    for flag, key in entry.CONFIG_FLAGS.items():  # the defaults are the config's values
+        assert getattr(args, flag[2:].replace("-", "_")) == value_at(cfg, key), flag
     with pytest.raises(SystemExit) as exc:
         entry.main(["--help"])
     assert exc.value.code == 0
@@ -620,8 +623,8 @@ def test_parser_defaults_and_help(capsys):
 
 def test_default_exp_name_is_the_config_stem(full_run, tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr(entry, "run", lambda cfg, args: seen.update(cfg=cfg, args=args) or {})
+    monkeypatch.setattr(entry, "run", lambda cfg, spec: seen.update(cfg=cfg, spec=spec) or {})
     entry.main(["--config", str(full_run["config"]), "--output-dir", str(tmp_path)])
-    assert seen["args"].exp_name == "tiny" and seen["args"].output_dir == str(tmp_path)
+    assert seen["spec"].run_dir == tmp_path / "tiny" and not seen["spec"].resume
     assert seen["cfg"]["training"]["batch_size"] == 32  # the YAML's value when no flag is given
     assert math.isclose(seen["cfg"]["training"]["learning_rate"], 0.001)
