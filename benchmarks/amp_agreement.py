@@ -8,7 +8,7 @@ For each family (``--family``, default both) the trainer's own run function trai
 generated demo data, same seed, once in float32 and once with mixed precision, and the test
 metrics of both and their differences are printed:
 
-* ``cryoem``: ``train_pu_selective_fixmatch.py``'s training (``utils.cryoem.train.run``) on the
+* ``cryoem``: ``train_pu_selective_fixmatch.py``'s training (``train_pu_selective_fixmatch.run``) on the
   CryoEM demo data (``make_demo_data.py --family cryoem``, written to ``--data-dir`` when
   missing), ``training.amp`` false and true;
 * ``ana``: ``main.py``'s full model (``main.run``) on a small generated MIML set

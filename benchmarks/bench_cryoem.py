@@ -80,7 +80,7 @@ from datasets.synthetic_micrographs import synthetic_micrograph
 from models.dense import TRUNK_STRIDE, map_shape, probability_map, tile_spans, trunk_reach
 from models.fixmatch_pu import EMATeacher, FixMatchPUModel
 from utils.cryoem.config import default_config
-from utils.cryoem.epoch import StepParams, train_one_epoch
+from utils.cryoem.epoch import EpochSetup, StepParams, train_one_epoch
 from utils.device import resolve_device
 from utils.errors import UserError, exit_on_user_error
 from utils.picking.matching import match_picks
@@ -346,7 +346,7 @@ def _main(argv=None):
     print(f"{args.backbone}, patch {ps} px (context {args.context}), batch {bs}, {steps} timed + {args.warmup} "
           f"warm-up steps | picking {size}x{size} at stride {STRIDE}, crop loop on {loop_size}x{loop_size} "
           f"in batches of {args.loop_batch}, {s['repeats']} timed calls | seed {args.seed}", flush=True)
-    # the trainer's fast path (utils/cryoem/train.py), the same for both training steps
+    # the trainer's fast path (train_pu_selective_fixmatch.py), the same for both training steps
     precision, fmt = make_precision(device, args.amp), memory_format(device, args.channels_last)
     configure_backends(device)
     print(f"training precision {precision.describe()}, channels-last {'on' if fmt == torch.channels_last else 'off'} "
@@ -391,9 +391,9 @@ def _main(argv=None):
         supervised_epoch(supervised, itertools.islice(loader, n), sup_opt, device, precision, fmt)
 
     def run_fixmatch(n, desc="FixMatch"):
-        return train_one_epoch(student, teacher, itertools.islice(loader, n), fm_opt, scheduler, params,
-                               epoch_index, device, desc=desc, generator=aug, precision=precision,
-                               memory_format=fmt)
+        setup = EpochSetup(student, teacher, itertools.islice(loader, n), fm_opt, scheduler, params, device,
+                           precision=precision, memory_format=fmt)
+        return train_one_epoch(setup, epoch_index + 1, desc=desc, generator=aug)
 
     if args.warmup:
         run_supervised(args.warmup)

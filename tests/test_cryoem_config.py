@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from utils.cryoem.config import (DEFAULTS, apply_cli_overrides, default_config, dump_config,
-                                 load_config, validate_config)
+import train_pu_selective_fixmatch
+from utils.cryoem.config import (DEFAULTS, arg_type, default_config, dump_config, load_config, validate_config,
+                                 value_at, with_values)
 from utils.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,10 +23,11 @@ def write(tmp_path, text, name="cfg.yaml"):
 
 
 def cli(**given):
-    """A Namespace like the trainer's parser gives: every override attribute, None = not given."""
-    args = dict(data_dir=None, batch_size=None, epochs=None, seed=None, num_workers=None, device=None)
-    args.update(given)
-    return argparse.Namespace(**args)
+    """What the trainer passes to with_values for the flags ``given`` (by their argparse names):
+    ``({dotted key: value}, {dotted key: flag})`` (train_pu_selective_fixmatch.CONFIG_FLAGS)."""
+    flags = {key: flag for flag, key in train_pu_selective_fixmatch.CONFIG_FLAGS.items()}
+    keys = {flag[2:].replace("-", "_"): key for flag, key in train_pu_selective_fixmatch.CONFIG_FLAGS.items()}
+    return {keys[name]: value for name, value in given.items()}, flags
 
 
 # ------------------------------------------------------------------------------- defaults
@@ -87,8 +89,8 @@ def test_cli_overrides_yaml(tmp_path):
     before = default_config()
     before["training"].update(batch_size=16, epochs=5, seed=1)
     before["data"]["num_workers"] = 4
-    new = apply_cli_overrides(cfg, cli(data_dir=Path("/x/data"), batch_size=64, seed=7,
-                                       num_workers=0, device="cpu"))
+    new = with_values(cfg, *cli(data_dir=Path("/x/data"), batch_size=64, seed=7,
+                               num_workers=0, device="cpu"))
     assert new["data"]["data_dir"] == "/x/data"       # a Path becomes a plain string
     assert new["training"]["batch_size"] == 64
     assert new["training"]["epochs"] == 5             # not given on the command line: YAML's
@@ -96,8 +98,8 @@ def test_cli_overrides_yaml(tmp_path):
     assert new["data"]["num_workers"] == 0            # 0 is a value, not "not given"
     assert new["training"]["device"] == "cpu"
     assert cfg == before                              # the input config is untouched
-    assert apply_cli_overrides(cfg, cli()) == cfg
-    assert apply_cli_overrides(cfg, argparse.Namespace()) == cfg  # missing attributes: not given
+    assert with_values(cfg, *cli()) == cfg
+    assert with_values(cfg, {}) == cfg  # nothing given
     new["data"]["batch_ratio"].append(3)
     assert cfg["data"]["batch_ratio"] == [1, 4]       # a deep copy
 
@@ -112,8 +114,35 @@ def test_cli_overrides_yaml(tmp_path):
 ])
 def test_cli_bad_values_name_the_flag(given, expected):
     with pytest.raises(UserError) as info:
-        apply_cli_overrides(default_config(), cli(**given))
+        with_values(default_config(), *cli(**given))
     assert str(info.value) == expected
+
+
+
+def test_value_at_and_arg_type_follow_the_key():
+    cfg = default_config()
+    assert value_at(cfg, "loss.prior") == "auto" and value_at(cfg, "training.epochs") == 100
+    assert arg_type("training.epochs")("7") == 7
+    assert arg_type("loss.prior")("auto") == "auto" and arg_type("loss.prior")("0.2") == 0.2
+    assert arg_type("data.data_dir")("x") == "x"
+    for key, text in (("training.epochs", "0"), ("training.seed", "-1"), ("training.batch_size", "nan")):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected an integer"):
+            arg_type(key)(text)
+    with pytest.raises(KeyError):
+        value_at(cfg, "loss.pior")
+
+
+def test_the_parser_defaults_are_the_yaml_values_and_the_command_line_wins(tmp_path):
+    path = write(tmp_path, "training:\n  epochs: 5\n  amp: false\nloss:\n  prior: 0.2\n")
+    parser = train_pu_selective_fixmatch.build_parser(path)
+    args = parser.parse_args([])
+    assert (args.epochs, args.amp, args.prior, args.batch_size) == (5, False, 0.2, 32)
+    args = parser.parse_args(["--epochs", "9", "--amp", "--prior", "auto"])
+    assert (args.epochs, args.amp, args.prior) == (9, True, "auto")
+    cfg, spec = train_pu_selective_fixmatch.resolve_settings(["--config", str(path), "--epochs", "9",
+                                                              "--output-dir", str(tmp_path), "--resume"])
+    assert cfg["training"]["epochs"] == 9 and cfg["training"]["amp"] is False and cfg["loss"]["prior"] == 0.2
+    assert spec.run_dir == tmp_path / "cfg" and spec.resume and "--resume" in spec.command
 
 
 # ------------------------------------------------------------------------------ validation
@@ -163,8 +192,8 @@ BAD_VALUES = [
     ("loss", "prior", "true", "loss.prior must be a number in (0, 1) or 'auto'"),
     ("loss", "prior", "auto2", "loss.prior must be a number in (0, 1) or 'auto'"),
     ("loss", "consistency_threshold", "true",
-     "loss.consistency_threshold must be a number in [0, 1], got true"),
-    ("training", "learning_rate", "false", "training.learning_rate must be a number > 0, got false"),
+     "loss.consistency_threshold must be a finite number in [0, 1], got true"),
+    ("training", "learning_rate", "false", "training.learning_rate must be a finite number > 0, got false"),
     ("training", "batch_size", "true", "training.batch_size must be an integer >= 1, got true"),
     ("training", "epochs", "10.0", "training.epochs must be an integer >= 1, got 10.0"),
     ("training", "epochs", "'10'", "training.epochs must be an integer >= 1, got '10'"),
@@ -193,18 +222,18 @@ BAD_VALUES = [
     ("loss", "prior", "0", "loss.prior must be a number in (0, 1)"),
     ("loss", "prior", "1", "loss.prior must be a number in (0, 1)"),
     ("loss", "prior", ".nan", "loss.prior must be a number in (0, 1)"),
-    ("loss", "consistency_threshold", "1.01", "loss.consistency_threshold must be a number in [0, 1]"),
-    ("loss", "consistency_threshold", "-0.1", "loss.consistency_threshold must be a number in [0, 1]"),
-    ("loss", "lambda_consistency", "-1", "loss.lambda_consistency must be a number >= 0, got -1"),
-    ("loss", "lambda_entropy", "-0.01", "loss.lambda_entropy must be a number >= 0"),
-    ("loss", "lambda_entropy", ".inf", "loss.lambda_entropy must be a number >= 0, got inf"),
-    ("loss", "nnpu_beta", "-0.1", "loss.nnpu_beta must be a number >= 0"),
-    ("loss", "nnpu_gamma", "1.5", "loss.nnpu_gamma must be a number in [0, 1]"),
-    ("model", "ema_decay", "1.0", "model.ema_decay must be a number in [0, 1), got 1.0"),
-    ("model", "ema_decay", "-0.5", "model.ema_decay must be a number in [0, 1)"),
-    ("model", "dropout", "1", "model.dropout must be a number in [0, 1), got 1"),
-    ("training", "learning_rate", "0", "training.learning_rate must be a number > 0, got 0"),
-    ("training", "weight_decay", "-1e-4", "training.weight_decay must be a number >= 0"),
+    ("loss", "consistency_threshold", "1.01", "loss.consistency_threshold must be a finite number in [0, 1]"),
+    ("loss", "consistency_threshold", "-0.1", "loss.consistency_threshold must be a finite number in [0, 1]"),
+    ("loss", "lambda_consistency", "-1", "loss.lambda_consistency must be a finite number >= 0, got -1"),
+    ("loss", "lambda_entropy", "-0.01", "loss.lambda_entropy must be a finite number >= 0"),
+    ("loss", "lambda_entropy", ".inf", "loss.lambda_entropy must be a finite number >= 0, got inf"),
+    ("loss", "nnpu_beta", "-0.1", "loss.nnpu_beta must be a finite number >= 0"),
+    ("loss", "nnpu_gamma", "1.5", "loss.nnpu_gamma must be a finite number in [0, 1]"),
+    ("model", "ema_decay", "1.0", "model.ema_decay must be a finite number in [0, 1), got 1.0"),
+    ("model", "ema_decay", "-0.5", "model.ema_decay must be a finite number in [0, 1)"),
+    ("model", "dropout", "1", "model.dropout must be a finite number in [0, 1), got 1"),
+    ("training", "learning_rate", "0", "training.learning_rate must be a finite number > 0, got 0"),
+    ("training", "weight_decay", "-1e-4", "training.weight_decay must be a finite number >= 0"),
     ("training", "epochs", "0", "training.epochs must be an integer >= 1, got 0"),
     ("training", "batch_size", "0", "training.batch_size must be an integer >= 1, got 0"),
     ("training", "early_stopping_patience", "-1",
@@ -212,11 +241,11 @@ BAD_VALUES = [
     ("training", "rampup_epochs", "-1", "training.rampup_epochs must be an integer >= 0"),
     ("training", "entropy_start_epoch", "-2", "training.entropy_start_epoch must be an integer >= 0"),
     ("training", "entropy_rampup_epochs", "2.5", "training.entropy_rampup_epochs must be an integer"),
-    ("training", "grad_clip", "-1", "training.grad_clip must be a number >= 0, got -1"),
-    ("training", "min_lr", "-1", "training.min_lr must be a number >= 0"),
+    ("training", "grad_clip", "-1", "training.grad_clip must be a finite number >= 0, got -1"),
+    ("training", "min_lr", "-1", "training.min_lr must be a finite number >= 0"),
     ("training", "seed", "-1", "training.seed must be an integer in [0, 4294967295]"),
-    ("data", "val_fraction", "1.0", "data.val_fraction must be a number in [0, 1), got 1.0"),
-    ("data", "test_fraction", "-0.1", "data.test_fraction must be a number in [0, 1)"),
+    ("data", "val_fraction", "1.0", "data.val_fraction must be a finite number in [0, 1), got 1.0"),
+    ("data", "test_fraction", "-0.1", "data.test_fraction must be a finite number in [0, 1)"),
     ("data", "num_workers", "-1", "data.num_workers must be an integer >= 0, got -1"),
     ("data", "max_open_chunks", "0", "data.max_open_chunks must be an integer >= 1, got 0"),
 ]
@@ -397,8 +426,8 @@ def test_dump_overwrites_atomically_and_accepts_tuples_and_paths(tmp_path):
 
 
 def test_cli_result_round_trips(tmp_path):
-    cfg = apply_cli_overrides(load_config(REPO / "configs" / "pu_only.yaml"),
-                              cli(data_dir=tmp_path, epochs=2, device="cpu"))
+    cfg = with_values(load_config(REPO / "configs" / "pu_only.yaml"),
+                      *cli(data_dir=tmp_path, epochs=2, device="cpu"))
     dump_config(cfg, tmp_path / "resolved.yaml")
     assert load_config(tmp_path / "resolved.yaml") == cfg
 
@@ -414,7 +443,7 @@ FLOAT_KEYS = [("data", "val_fraction"), ("data", "test_fraction"), ("loss", "pri
 @pytest.mark.parametrize("section, key", FLOAT_KEYS, ids=[f"{s}.{k}" for s, k in FLOAT_KEYS])
 def test_every_float_key_refuses_non_finite_values(tmp_path, section, key, value):
     path = write(tmp_path, f"{section}:\n  {key}: {value}\n")
-    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}: {section}\.{key} must be a number"):
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}: {section}\.{key} must be a (finite )?number"):
         load_config(path)
 
 

@@ -33,11 +33,13 @@ import torch
 import yaml
 
 import train_pu_selective_fixmatch as entry
-import utils.cryoem.train as trainer
+import utils.cryoem.epoch as cryo_epoch
 from conftest import expect_exit_2
 from datasets.cryoem_dataset_pu import load_pu_data
 from datasets.synthetic_cryoem import generate_cryoem_demo
 from models.fixmatch_pu import EMATeacher, FixMatchPUModel
+from utils.cryoem.config import load_config, value_at
+from utils.cryoem.prior import prior_mismatch
 from utils.metrics import binary_metrics
 
 # Every loss term is active in the second epoch (0-based epoch index 1): consistency ramp 1
@@ -294,7 +296,7 @@ def test_tensorboard_scalars(full_run):
 def test_resume_after_interruption_continues_exactly(full_run, tmp_path, monkeypatch):
     out = tmp_path / "out"
     argv = _argv(full_run["config"], full_run["data"], out, exp="B")
-    original = trainer.train_one_epoch
+    original = entry.train_one_epoch
     calls = []
 
     def interrupted(*args, **kwargs):
@@ -303,11 +305,11 @@ def test_resume_after_interruption_continues_exactly(full_run, tmp_path, monkeyp
             raise KeyboardInterrupt  # Ctrl-C during epoch 2, after last.pt of epoch 1 was written
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "train_one_epoch", interrupted)
+    monkeypatch.setattr(entry, "train_one_epoch", interrupted)
     with pytest.raises(SystemExit) as exc:  # Ctrl-C: one line and exit code 130 (test_robustness.py)
         entry.main(argv)
     assert exc.value.code == 130
-    monkeypatch.setattr(trainer, "train_one_epoch", original)
+    monkeypatch.setattr(entry, "train_one_epoch", original)
     run_dir = out / "B"
     assert _load(run_dir / "last.pt")["epoch"] == 1 and not (run_dir / "results.json").exists()
     log_before = (run_dir / "train.log").read_text()
@@ -415,8 +417,8 @@ def test_resume_without_a_run_is_an_error(full_run, tmp_path, capsys):
 
 def test_early_stopping_ends_the_run_and_resume_then_has_nothing_to_do(full_run, tmp_path, monkeypatch):
     # A constant val AUC improves in epoch 1 only: patience 1 stops after epoch 2 of 3.
-    original = trainer.binary_metrics
-    monkeypatch.setattr(trainer, "binary_metrics", lambda *a, **k: dict(original(*a, **k), auc=0.5))
+    original = cryo_epoch.binary_metrics
+    monkeypatch.setattr(cryo_epoch, "binary_metrics", lambda *a, **k: dict(original(*a, **k), auc=0.5))
     config = _write_config(tmp_path / "patience.yaml", training={"early_stopping_patience": 1})
     out = tmp_path / "out"
     argv = _argv(config, full_run["data"], out, exp="es", epochs=3)
@@ -489,8 +491,8 @@ def test_a_configured_prior_far_from_the_datas_is_a_loud_warning(tmp_path):
     log = (tmp_path / "out" / "far" / "train.log").read_text()
     assert "WARNING: loss.prior 0.3 is 6.0x off the prior the data" in log and "(0.05)" in log
     assert "set loss.prior: auto" in log
-    assert trainer._prior_mismatch(0.1, SimpleNamespace(metadata={"prior": 0.05}, files=[])) is None  # 2x: quiet
-    assert trainer._prior_mismatch(0.024, SimpleNamespace(metadata={"prior": 0.05}, files=[])) is not None
+    assert prior_mismatch(0.1, SimpleNamespace(metadata={"prior": 0.05}, files=[])) is None  # 2x: quiet
+    assert prior_mismatch(0.024, SimpleNamespace(metadata={"prior": 0.05}, files=[])) is not None
 
 
 def test_auto_prior_without_a_prior_in_the_data_uses_the_documented_default(tmp_path):
@@ -602,11 +604,13 @@ def test_bad_exp_name_and_missing_config(full_run, tmp_path, capsys):
 # ------------------------------------------------------------------------ 4. argument parsing
 
 def test_parser_defaults_and_help(capsys):
-    args = entry.build_parser().parse_args([])
+    path = entry.resolve_config_path(entry.DEFAULT_CONFIG)
+    args = entry.build_parser(path).parse_args([])
     assert args.config == "configs/pu_selective_fixmatch.yaml" and args.output_dir == "experiments"
     assert args.resume is False and args.exp_name is None
-    for name in ("data_dir", "batch_size", "epochs", "seed", "device", "num_workers"):
-        assert getattr(args, name) is None, name  # None = the config's value
+    cfg = load_config(path)
+    for flag, key in entry.CONFIG_FLAGS.items():  # the defaults are the config's values
+        assert getattr(args, flag[2:].replace("-", "_")) == value_at(cfg, key), flag
     with pytest.raises(SystemExit) as exc:
         entry.main(["--help"])
     assert exc.value.code == 0
@@ -619,8 +623,8 @@ def test_parser_defaults_and_help(capsys):
 
 def test_default_exp_name_is_the_config_stem(full_run, tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr(entry, "run", lambda cfg, args: seen.update(cfg=cfg, args=args) or {})
+    monkeypatch.setattr(entry, "run", lambda cfg, spec: seen.update(cfg=cfg, spec=spec) or {})
     entry.main(["--config", str(full_run["config"]), "--output-dir", str(tmp_path)])
-    assert seen["args"].exp_name == "tiny" and seen["args"].output_dir == str(tmp_path)
+    assert seen["spec"].run_dir == tmp_path / "tiny" and not seen["spec"].resume
     assert seen["cfg"]["training"]["batch_size"] == 32  # the YAML's value when no flag is given
     assert math.isclose(seen["cfg"]["training"]["learning_rate"], 0.001)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from models.fixmatch_pu import EMATeacher, FixMatchPUModel
-from utils.cryoem.epoch import StepParams, train_one_epoch
+from utils.cryoem.epoch import EpochSetup, StepParams, train_one_epoch
 from utils.precision import Precision, configure_backends, make_precision, maybe_compile, memory_format
 
 CPU = torch.device("cpu")
@@ -47,8 +47,8 @@ def _run(precision, seed=0):
     optimizer = torch.optim.SGD(student.parameters(), lr=0.05)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     params = StepParams(prior=0.3, rampup_epochs=0, entropy_start_epoch=0, grad_clip=1.0)
-    stats = train_one_epoch(student, teacher, _batches(), optimizer, scheduler, params, 0, CPU,
-                            generator=torch.Generator().manual_seed(1), precision=precision)
+    setup = EpochSetup(student, teacher, _batches(), optimizer, scheduler, params, CPU, precision=precision)
+    stats = train_one_epoch(setup, 1, generator=torch.Generator().manual_seed(1))
     delta = torch.sqrt(sum(((student.state_dict()[k].float() - v.float()) ** 2).sum()
                            for k, v in start.items() if v.is_floating_point()))
     return stats, float(delta)

@@ -36,7 +36,6 @@ import main
 import pick_particles
 import preprocess_cryoem
 import train_pu_selective_fixmatch as cryo_entry
-import utils.cryoem.train as cryo_trainer
 import utils.run as run_frame
 from conftest import cpu_argv, expect_error_line
 from datasets.synthetic_cryoem import generate_cryoem_demo
@@ -543,20 +542,20 @@ def test_ctrl_c_in_ana_says_where_and_how_to_resume(ana_args, tmp_path, capsys, 
 
 def test_ctrl_c_in_cryoem_first_epoch_then_the_given_command_starts_again(cryo, tmp_path, capsys, monkeypatch):
     argv = cryo_argv(cryo["config"], cryo["data"], tmp_path / "out", exp="x", epochs=2)
-    original = _interrupt_in_epoch(monkeypatch, cryo_trainer, 1)
+    original = _interrupt_in_epoch(monkeypatch, cryo_entry, 1)
     line = _interrupted_line(capsys, cryo_entry, argv)
     assert "before the first of 2 epochs finished (no last.pt yet); to start it again at epoch 1: " in line, line
     run_dir = tmp_path / "out" / "x"
     assert line in (run_dir / "train.log").read_text() and not (run_dir / "last.pt").exists()
     resume = _resume_argv(line, "train_pu_selective_fixmatch.py")
     assert resume == argv + ["--resume"]
-    monkeypatch.setattr(cryo_trainer, "train_one_epoch", original)
+    monkeypatch.setattr(cryo_entry, "train_one_epoch", original)
     assert cryo_entry.main(resume)["epochs_run"] == 2
 
 
 def test_ctrl_c_in_cryoem_after_an_epoch(cryo, tmp_path, capsys, monkeypatch):
     argv = cryo_argv(cryo["config"], cryo["data"], tmp_path / "out", exp="x", epochs=2)
-    _interrupt_in_epoch(monkeypatch, cryo_trainer, 2)
+    _interrupt_in_epoch(monkeypatch, cryo_entry, 2)
     line = _interrupted_line(capsys, cryo_entry, argv)
     assert f"after epoch 1 of 2 (saved in {tmp_path / 'out' / 'x' / 'last.pt'}); to resume: " in line, line
     assert line.endswith(" --resume")

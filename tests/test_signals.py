@@ -150,7 +150,7 @@ def test_sigterm_while_cryoem_writes_last_pt_finishes_the_write_then_one_line(cr
 def test_sighup_in_cryoem_epoch_2_says_where_and_the_command_resumes(cryo, tmp_path):
     run_dir = tmp_path / "out" / "x"
     argv = cryo_argv(cryo["config"], cryo["data"], tmp_path / "out", exp="x", epochs=2)
-    proc = _child("train_pu_selective_fixmatch", "SIGHUP", "epoch:utils.cryoem.train:train_one_epoch:2", argv, ROOT)
+    proc = _child("train_pu_selective_fixmatch", "SIGHUP", "epoch:train_pu_selective_fixmatch:train_one_epoch:2", argv, ROOT)
     line = _stopped(proc, 129, "SIGHUP")
     assert f"after epoch 1 of 2 (saved in {run_dir / 'last.pt'}); to resume: " in line, line
     assert line in (run_dir / "train.log").read_text()

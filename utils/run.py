@@ -1,5 +1,5 @@
 """The frame every command that writes an output folder shares: the two trainers
-(utils/ana/train.py, utils/cryoem/train.py), preprocess_cryoem.py, pick_particles.py and
+(main.py / main_single.py, train_pu_selective_fixmatch.py), preprocess_cryoem.py, pick_particles.py and
 rethreshold_picks.py.
 
 A run is a directory that one process family owns from start to end:

@@ -2,8 +2,9 @@
 
 A config is a nested dict with four sections (``data``, ``loss``, ``model``, ``training``).
 :data:`DEFAULTS` holds the method's default settings (README, "Config"); ``load_config(path)`` reads a YAML file,
-checks it and merges it over the defaults; ``apply_cli_overrides(cfg, args)`` lets the few
-command-line flags win; ``dump_config`` writes the resolved config beside a run's outputs.
+checks it and merges it over the defaults; ``with_values(cfg, {"training.epochs": 5})`` lets the
+few command-line flags win (their parser defaults are the YAML values, see
+train_pu_selective_fixmatch.py); ``dump_config`` writes the resolved config beside a run's outputs.
 
 Every bad value is a :class:`~utils.errors.UserError` of one line that names the file and the
 dotted key (``configs/x.yaml: loss.prior must be a number in (0, 1) or 'auto', got 1.5``).
@@ -12,9 +13,9 @@ scalars, so ``use_ema: yes`` is the string 'yes' and an error, not a silent true
 not a number, and a float is not an integer. Integers are accepted where a float is expected
 and stored as floats; ``1e-3`` is read as a number.
 """
+import argparse
 import copy
 import difflib
-import math
 import os
 import re
 from pathlib import Path
@@ -22,7 +23,7 @@ from types import MappingProxyType
 
 import yaml
 
-from utils.checks import SEED_MAX, not_a_file
+from utils.checks import SEED_MAX, expected_text, float_arg, int_arg, not_a_file, range_problem
 from utils.errors import UserError
 from utils.io import atomic_write
 
@@ -62,8 +63,8 @@ DEFAULTS = _freeze({
         "max_open_chunks": 4,
     },
     "loss": {
-        # the data's own estimate (metadata.prior, written by preprocess_cryoem.py); the design
-        # document's 0.3 overrode it silently (0.085 on EMPIAR-10017), see _prior_mismatch
+        # the data's own estimate (metadata.prior, written by preprocess_cryoem.py); a fixed 0.3
+        # overrode it silently (0.085 on EMPIAR-10017), see utils/cryoem/prior.py
         "prior": "auto",
         "consistency_threshold": 0.95,
         "lambda_consistency": 1.0,
@@ -99,20 +100,6 @@ DEFAULTS = _freeze({
     },
 })
 
-# Command-line attribute -> (section, key, flag as the user typed it).
-CLI_OVERRIDES = MappingProxyType({
-    "data_dir": ("data", "data_dir", "--data-dir"),
-    "batch_size": ("training", "batch_size", "--batch-size"),
-    "epochs": ("training", "epochs", "--epochs"),
-    "seed": ("training", "seed", "--seed"),
-    "amp": ("training", "amp", "--amp/--no-amp"),
-    "compile": ("training", "compile", "--compile/--no-compile"),
-    "num_workers": ("data", "num_workers", "--num-workers"),
-    "device": ("training", "device", "--device"),
-    "prior": ("loss", "prior", "--prior"),
-})
-
-
 def default_config():
     """A fresh, mutable deep copy of :data:`DEFAULTS` (plain dicts and lists)."""
     return _thaw(DEFAULTS)
@@ -132,46 +119,30 @@ def _show(value):
     return repr(value)
 
 
-def _is_number(value):
-    """int or float but not bool (YAML ``true`` is not 1 here), and finite."""
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
-
-
 def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _number(low=None, high=None, low_open=False, high_open=False):
-    """Check for a finite number in the interval given by ``low``/``high`` (None = unbounded)."""
-    if low is not None and high is not None:
-        text = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        expected = f"a number in {text}"
-    elif low is not None:
-        expected = f"a number {'>' if low_open else '>='} {low:g}"
-    else:
-        expected = "a number"
+def _ranged(integer, **bounds):
+    """Check for a finite number (an integer when ``integer``) in the range of ``bounds``
+    (utils.checks.range_problem, the checker of every command's numeric flags)."""
+    expected = expected_text(integer, **bounds)
 
     def check(value):
-        ok = _is_number(value)
-        if ok and low is not None:
-            ok = value > low if low_open else value >= low
-        if ok and high is not None:
-            ok = value < high if high_open else value <= high
-        return None if ok else f"must be {expected}, got {_show(value)}"
+        return None if range_problem(value, integer, **bounds) is None else f"must be {expected}, got {_show(value)}"
 
-    check.kind = "float"
+    check.kind = "int" if integer else "float"
+    check.bounds = dict(integer=integer, **bounds)
     return check
+
+
+def _number(low=None, high=None, low_open=False, high_open=False):
+    """Check for a finite number in the interval given by ``low``/``high`` (None = unbounded)."""
+    return _ranged(False, low=low, high=high, low_open=low_open, high_open=high_open)
 
 
 def _integer(low, high=None):
-    def check(value):
-        if _is_int(value) and value >= low and (high is None or value <= high):
-            return None
-        return f"must be an integer {f'in [{low}, {high}]' if high is not None else f'>= {low}'}, got {_show(value)}"
-
-    check.kind = "int"
-    return check
+    return _ranged(True, low=low, high=high)
 
 
 def _boolean(value):
@@ -422,23 +393,60 @@ def load_config(path):
     return _normalise(cfg)
 
 
-def apply_cli_overrides(cfg, args):
-    """Return a new config where the command-line values that were given replace ``cfg``'s.
+def _section_key(key):
+    """``("loss", "prior")`` of the dotted ``key`` "loss.prior"; an unknown key is a programming error."""
+    section, _, name = key.partition(".")
+    if section not in _CHECKS or name not in _CHECKS[section]:
+        raise KeyError(f"no config key {key!r}")
+    return section, name
 
-    ``args`` is an argparse Namespace; its attributes ``data_dir``, ``batch_size``, ``epochs``,
-    ``seed``, ``num_workers``, ``device`` and ``prior`` (see :data:`CLI_OVERRIDES`) override
-    ``data.data_dir``, ``training.batch_size``, ... when not None; missing attributes count as
-    not given. A bad value is a :class:`UserError` naming the flag. ``cfg`` is not modified.
+
+def value_at(cfg, key):
+    """The value of the dotted ``key`` ("training.epochs") in ``cfg``."""
+    section, name = _section_key(key)
+    return cfg[section][name]
+
+
+def prior_arg(text):
+    """``auto`` or a number (argparse type of loss.prior; the range is checked with the config)."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1) or auto, got {text!r}") from None
+
+
+def arg_type(key):
+    """The argparse ``type=`` of a command-line flag that sets the dotted ``key``: the key's own
+    range for numbers (``--epochs 0`` fails at parse time), :func:`prior_arg` for loss.prior,
+    ``str`` otherwise (booleans are ``BooleanOptionalAction`` flags and need none)."""
+    section, name = _section_key(key)
+    check = _CHECKS[section][name]
+    bounds = getattr(check, "bounds", None)
+    if bounds is None:
+        return prior_arg if check is _prior else str
+    bounds = dict(bounds)
+    if bounds.pop("integer"):
+        return int_arg(bounds["low"], bounds["high"])
+    return float_arg(**bounds)
+
+
+def with_values(cfg, overrides, flags=None):
+    """Return a new config where ``overrides`` ({dotted key: value}) replace ``cfg``'s values.
+
+    A bad value is a :class:`UserError` naming the key, after the flag that gave it when
+    ``flags`` ({dotted key: flag as the user typed it}) has one. ``cfg`` is not modified.
     """
     new = _thaw(cfg)
-    for attr, (section, key, flag) in CLI_OVERRIDES.items():
-        value = getattr(args, attr, None)
-        if value is None:
-            continue
-        problem = _CHECKS[section][key](value)
+    flags = flags or {}
+    for key, value in overrides.items():
+        section, name = _section_key(key)
+        problem = _CHECKS[section][name](value)
         if problem:
-            raise UserError(f"{flag}: {section}.{key} {problem}")
-        new[section][key] = value
+            flag = flags.get(key)
+            raise UserError(f"{flag + ': ' if flag else ''}{key} {problem}")
+        new[section][name] = value
     validate_config(new, source="command line")
     return _normalise(new)
 

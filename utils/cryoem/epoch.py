@@ -25,6 +25,7 @@ from models.losses_pu import (consistency_weight, entropy_loss, entropy_weight, 
                               selective_consistency_loss)
 from utils.errors import UserError
 from utils.logger import progress
+from utils.metrics import binary_metrics
 from utils.precision import make_precision
 
 # Per-step quantities averaged over the epoch (the keys of train_one_epoch's result, with
@@ -67,16 +68,43 @@ class StepParams:
                                self.entropy_rampup_epochs))
 
 
-def train_one_epoch(student, teacher, loader, optimizer, scheduler, params, epoch_index, device,
-                    desc="train", generator=None, sync_every=50, precision=None,
-                    memory_format=torch.contiguous_format):
-    """Train ``student`` for one pass of ``loader``; update ``teacher`` (an EMATeacher) after each step.
+@dataclass
+class EpochSetup:
+    """What a training epoch works with (built once per run by train_pu_selective_fixmatch.py).
 
-    ``params`` is a :class:`StepParams`; ``epoch_index`` is 0-based (it drives the ramps);
-    ``scheduler`` steps once per iteration; ``generator`` (on ``device``, optional) drives the
-    augmentations. ``precision`` (:func:`utils.precision.make_precision`; default float32) runs
-    the forward passes under autocast and scales the loss for float16; ``memory_format``
-    (channels-last on a GPU) is applied to the batches. A non-finite loss raises :class:`UserError` naming the epoch and step (the
+    ``model``: the student as trained (possibly DDP-wrapped or compiled); ``teacher``: the
+    :class:`~models.fixmatch_pu.EMATeacher`; ``loader``: the training loader (a
+    :class:`~datasets.cryoem_dataset_pu.PUBatchSampler`'s batches); ``scheduler`` steps once per
+    iteration; ``params``: the :class:`StepParams`; ``precision`` (:func:`utils.precision.make_precision`;
+    None = float32) runs the forward passes under autocast and scales the loss for float16;
+    ``memory_format`` (channels-last on a GPU) is applied to the batches.
+    """
+
+    model: torch.nn.Module
+    teacher: object
+    loader: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    params: StepParams
+    device: torch.device
+    precision: object = None
+    memory_format: torch.memory_format = torch.contiguous_format
+
+
+def augmentation_generator(device, seed, epoch_index):
+    """The augmentation RNG of one epoch, seeded by (seed, 0-based ``epoch_index``): a resumed run
+    draws the same views."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed((int(seed) * 1_000_003 + int(epoch_index)) % (2**63 - 1))
+    return generator
+
+
+def train_one_epoch(setup, epoch, *, generator=None, desc="train", sync_every=50):
+    """Train ``setup.model`` for one pass of ``setup.loader``; update ``setup.teacher`` after each step.
+
+    ``setup`` is an :class:`EpochSetup`; ``epoch`` is 1-based (epoch ``e`` is at ``e - 1`` on the
+    ramps of :meth:`StepParams.weights`); ``generator`` (on the device, optional) drives the
+    augmentations. A non-finite loss raises :class:`UserError` naming the epoch and step (the
     previous epoch's ``last.pt`` stays intact).
 
     Returns epoch means: ``loss`` (reported total: nnPU loss + weighted consistency + weighted
@@ -87,12 +115,15 @@ def train_one_epoch(student, teacher, loader, optimizer, scheduler, params, epoc
     the nnPU correction branch, r < -beta), ``consistency_weight``, ``entropy_weight``, ``lr``
     (mean over the steps), ``patches_per_s``, ``steps``, ``patches``, ``seconds``.
     """
-    precision = precision or make_precision(device, enabled=False)
+    student, teacher, optimizer, scheduler = setup.model, setup.teacher, setup.optimizer, setup.scheduler
+    params, device, memory_format = setup.params, setup.device, setup.memory_format
+    loader = setup.loader
+    precision = setup.precision or make_precision(device, enabled=False)
     scaler = precision.scaler
     student.train()
     if teacher.enabled:
         teacher.model.eval()
-    w_cons, w_ent = params.weights(epoch_index)
+    w_cons, w_ent = params.weights(epoch - 1)
     sums = torch.zeros(len(_STEP_MEANS), dtype=torch.float64, device=device)
     # counts: unlabelled seen, confident unlabelled, confident pseudo-positive unlabelled, correction steps
     counts = torch.zeros(4, dtype=torch.float64, device=device)
@@ -150,8 +181,8 @@ def train_one_epoch(student, teacher, loader, optimizer, scheduler, params, epoc
         n_steps += 1
         n_patches += n
         if n_steps % sync_every == 0:
-            _raise_if_bad(int(first_bad), epoch_index)
-    _raise_if_bad(int(first_bad), epoch_index)
+            _raise_if_bad(int(first_bad), epoch)
+    _raise_if_bad(int(first_bad), epoch)
     seconds = time.perf_counter() - start
     if n_steps == 0:
         raise UserError("the training loader gave no batch (empty training set?)")
@@ -169,11 +200,21 @@ def train_one_epoch(student, teacher, loader, optimizer, scheduler, params, epoc
     return out
 
 
-def _raise_if_bad(first_bad, epoch_index):
+def _raise_if_bad(first_bad, epoch):
     if first_bad >= 0:
-        raise UserError(f"the training loss became non-finite (NaN or inf) in epoch {epoch_index + 1}, "
+        raise UserError(f"the training loss became non-finite (NaN or inf) in epoch {epoch}, "
                         f"step {first_bad + 1}; lower training.learning_rate (e.g. to 0.0003) or set training.grad_clip > 0 "
                         f"and start a new run (--exp-name); last.pt of the previous epoch is intact")
+
+
+def evaluation_metrics(labels, probs, threshold=0.5):
+    """:func:`utils.metrics.binary_metrics` of an evaluation pass; None for an empty set."""
+    if labels.numel() == 0:
+        return None
+    if not torch.isfinite(probs).all():
+        raise UserError("the model's predictions became non-finite (NaN); lower training.learning_rate "
+                        "and start a new run (--exp-name)")
+    return binary_metrics(labels.numpy(), probs.numpy(), threshold=threshold)
 
 
 @torch.no_grad()

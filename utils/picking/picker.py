@@ -107,7 +107,7 @@ class ThresholdChoice:
 
 def resolve_threshold(ckpt, path, threshold):
     """A :class:`ThresholdChoice`: ``threshold`` itself (a number), or for ``"auto"`` the rule training
-    stored in the checkpoint (``picking_threshold``, see utils/cryoem/train.py)."""
+    stored in the checkpoint (``picking_threshold``, see utils/cryoem/prior.py)."""
     if threshold != "auto":
         return ThresholdChoice(float(threshold), "given by --threshold")
     stored = ckpt.get("picking_threshold")
