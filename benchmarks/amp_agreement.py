@@ -23,7 +23,6 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 if __package__ in (None, ""):  # run as a file: make the repository's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -33,7 +32,7 @@ from datasets.synthetic_ana import generate_ana_demo  # noqa: E402
 from datasets.synthetic_cryoem import generate_cryoem_demo  # noqa: E402
 from main import build_parser as build_main_parser  # noqa: E402
 import main as ana_trainer  # noqa: E402
-from utils.cryoem import train as cryoem_trainer  # noqa: E402
+import train_pu_selective_fixmatch as cryoem_trainer  # noqa: E402
 from utils.cryoem.config import default_config  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
 from utils.errors import exit_on_user_error  # noqa: E402
@@ -79,7 +78,8 @@ def run_cryoem(args, device, tmp, amp):
     cfg = default_config()
     cfg["data"].update(data_dir=str(data), num_workers=args.num_workers)
     cfg["training"].update(epochs=args.epochs, seed=args.seed, device=str(device), amp=amp)
-    result = cryoem_trainer.run(cfg, SimpleNamespace(output_dir=tmp, exp_name=f"cryoem_amp_{amp}", resume=False))
+    result = cryoem_trainer.run(cfg, cryoem_trainer.RunSpec(run_dir=Path(tmp) / f"cryoem_amp_{amp}", resume=False,
+                                                             command=None))
     return {**{k: result["test"][k] for k in KEYS["cryoem"]}, "best_epoch": result["best_epoch"]}
 
 
