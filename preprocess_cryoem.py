@@ -19,8 +19,6 @@ The run (:func:`run_preprocess`) holds --output-dir for its whole length (utils/
 moved into place at the end, so an error (bad input found late) or Ctrl-C leaves an earlier
 preprocessing untouched.
 """
-import os
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -130,21 +128,12 @@ class PreprocessStaging(Staging):
     those this run does not write."""
     prefix = ".preprocess-"
 
-    def remove_stale(self):
-        for old in self.out_dir.glob(self.prefix + "*"):  # left by a killed run (we hold the lock: not a live one)
-            shutil.rmtree(old, ignore_errors=True)
-            self.removed.append(old)
+    def previous_files(self):
+        return [p.name for p in self.out_dir.glob("chunk_*.pt")] + list(DATA_FILES)
 
     def log_removed(self, logger):
-        for old in self.removed:
-            logger.info("removed %s, left by an interrupted preprocessing", old)
-
-    def install(self):
-        for old in list(self.out_dir.glob("chunk_*.pt")) + [self.out_dir / n for n in DATA_FILES]:
-            if old.exists() and not (self.tmp / old.name).exists():
-                old.unlink()
-        for new in sorted(self.tmp.iterdir()):
-            os.replace(new, self.out_dir / new.name)
+        for name in self.removed:
+            logger.info("removed %s, left by an interrupted preprocessing", self.out_dir / name)
 
 
 def run_preprocess(micrograph_inputs, coordinates_path, out_dir, opts, *, logger=None, overwrite=False):

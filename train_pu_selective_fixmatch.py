@@ -88,12 +88,11 @@ def resolve_config_path(path):
     return path
 
 
-def build_parser(config_path, cfg=None, add_help=True):
+def build_parser(config_path, cfg=None):
     """The command line; the defaults of :data:`CONFIG_FLAGS` are the values of ``cfg`` (default:
     the config read from ``config_path``)."""
     cfg = load_config(config_path) if cfg is None else cfg
     parser = ArgumentParser(
-        add_help=add_help,
         description="Train a cryo-EM particle classifier from positive and unlabelled patches "
                     "(nnPU + Selective FixMatch with an EMA teacher). Values not given here come from --config.")
     parser.add_argument("--config", default=DEFAULT_CONFIG,
@@ -119,7 +118,7 @@ class RunSpec:
     (--resume) and ``command`` (the shell command that resumes it, for the Ctrl-C message)."""
     run_dir: Path
     resume: bool
-    command: str = None
+    command: str | None = None
 
 
 def resolve_settings(argv=None):

@@ -3,13 +3,12 @@
 Both functions take a float batch ``x`` of shape [B, 1, S, S] (CPU or GPU) and return a new
 tensor of the same shape and dtype. Every sample gets its own random parameters, drawn as
 tensors of length B; nothing loops over samples in Python, so a GPU batch is augmented in a
-few kernels and augmentation does not starve the GPU (SPEC: "augmentation should run on the
-GPU in batches").
+few kernels and augmentation does not starve the GPU.
 
-Weak (the teacher's view, FixMatch's "flip and shift"; SPEC "Training"):
+Weak (the teacher's view, FixMatch's "flip and shift", Sohn et al. 2020):
     * a random element of the dihedral group D4 (rot90 by k in {0..3}, optional flip),
       applied exactly by index permutation: particles have no preferred orientation, so
-      all 8 are valid, and "horizontal flip" of the seed is one of them;
+      all 8 are valid, and a horizontal flip is one of them;
     * a rotation by U(-10, 10) degrees and a translation by U(-S/8, S/8) pixels per axis
       (the "random crop"), in one bilinear resample (``affine_grid`` + ``grid_sample``) with
       reflection at the borders, so no zero-filled corners appear.

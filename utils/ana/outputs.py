@@ -114,7 +114,6 @@ def write_tile_montages(folder, frame, tile_cache, suffix=""):
     return written
 
 
-
 def write_instances(run_dir, train, train_loader, setup, suffix=""):
     """``instance_weights{suffix}.csv`` and ``instance_tiles/class{k}{suffix}.png`` of the current
     weights (``setup``: the run's :class:`utils.ana.epoch.EpochSetup`)."""

@@ -100,6 +100,7 @@ DEFAULTS = _freeze({
     },
 })
 
+
 def default_config():
     """A fresh, mutable deep copy of :data:`DEFAULTS` (plain dicts and lists)."""
     return _thaw(DEFAULTS)
