@@ -3,7 +3,7 @@
 ``loss.prior`` travels: YAML (or ``--prior``) -> :func:`resolve_prior` (``auto`` = the data's
 ``metadata.prior``) -> :class:`utils.cryoem.epoch.StepParams` -> ``nnpu_loss``; it is stored in
 ``best_model.pt["prior"]`` and results.json, and :func:`picking_threshold` turns it into the
-threshold ``pick_particles.py --threshold auto`` uses (README, CryoEM "Config").
+threshold ``pick_particles.py --threshold auto`` uses (README, CryoEM "The prior" and "The threshold").
 """
 import math
 
